@@ -1,0 +1,396 @@
+//! [`RedisTiers`]: the shared tiers in Redis. Each operation is one round trip: a Lua script
+//! or a pipeline. Key layout: see `keys::KeyLayout`.
+
+use std::sync::LazyLock;
+
+use ::redis::{Script, Value};
+use async_trait::async_trait;
+
+use super::config::TieredConfig;
+use super::keys::KeyLayout;
+use super::store::{Found, Probe, TierStore, Write};
+use crate::error::{Error, Result};
+use crate::redis::{RedisConnection, script};
+
+/// Most keys one probe script handles; larger batches take one script call per chunk, so a
+/// huge `get_many` cannot block Redis for long.
+const PROBE_CHUNK: usize = 1000;
+
+/// Reads every tier of each entry (one MGET per tier across the entries still missing), then
+/// one MGET for the clear stamp and every distinct tag of the found entries. Counts reads from
+/// lower tiers in a small hash per entry and promotes to the hottest tier. Returns
+/// `{now, clear, e1, e2, ...}` where `e` is 0 for a miss or
+/// `{tier (0-based), envelope, promoted, demoted, stamp...}`. All times are Redis's clock in
+/// µs (written with `%.0f`: Lua's default number format would round them).
+const PROBE_LUA: &str = r#"
+local ntiers = tonumber(ARGV[1])
+local tag_prefix = ARGV[ntiers + 2]
+local clear_key = ARGV[ntiers + 3]
+local promote_reads = tonumber(ARGV[ntiers + 4])
+local window_ms = tonumber(ARGV[ntiers + 5])
+local window = window_ms * 1000
+local hot_ttl = tonumber(ARGV[ntiers + 6])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+
+local function mget(names)
+  local out = {}
+  for from = 1, #names, 1000 do
+    local part = redis.call('MGET', unpack(names, from, math.min(from + 999, #names)))
+    for i = 1, #part do out[#out + 1] = part[i] end
+  end
+  return out
+end
+
+local n = #KEYS
+local hit_tier, hit_value, pending = {}, {}, {}
+for i = 1, n do pending[i] = i end
+for j = 1, ntiers do
+  if #pending == 0 then break end
+  local names = {}
+  for p = 1, #pending do names[p] = KEYS[pending[p]] .. ':' .. ARGV[j + 1] end
+  local values = mget(names)
+  local still = {}
+  for p = 1, #pending do
+    if values[p] then
+      hit_tier[pending[p]] = j
+      hit_value[pending[p]] = values[p]
+    else
+      still[#still + 1] = pending[p]
+    end
+  end
+  pending = still
+end
+
+local stamp_keys, slot_of, entry_slots = {clear_key}, {}, {}
+for i = 1, n do
+  local v = hit_value[i]
+  if v and string.byte(v, 1) == 158 and string.byte(v, 2) == 1 and #v >= 20 then
+    local at, slots = 21, {}
+    for k = 1, string.byte(v, 4) do
+      local len = string.byte(v, at) or 0
+      local tag = string.sub(v, at + 1, at + len)
+      at = at + 1 + len
+      local s = slot_of[tag]
+      if not s then
+        stamp_keys[#stamp_keys + 1] = tag_prefix .. tag
+        s = #stamp_keys
+        slot_of[tag] = s
+      end
+      slots[k] = s
+    end
+    entry_slots[i] = slots
+  end
+end
+local stamps = mget(stamp_keys)
+
+local out = {now, tonumber(stamps[1]) or 0}
+for i = 1, n do
+  local j = hit_tier[i]
+  if not j then
+    out[i + 2] = 0
+  else
+    local e = {j - 1, hit_value[i], 0, 0}
+    local slots = entry_slots[i]
+    if slots then
+      for k = 1, #slots do e[4 + k] = tonumber(stamps[slots[k]]) or 0 end
+    end
+    if j > 1 and promote_reads > 0 then
+      local meta = KEYS[i] .. ':#'
+      local m = redis.call('HMGET', meta, 'n', 's', 'p')
+      local reads, start = tonumber(m[1]) or 0, tonumber(m[2]) or now
+      if m[3] then e[4] = 1 end
+      if now - start >= window then reads, start = 0, now end
+      reads = reads + 1
+      local pttl = redis.call('PTTL', KEYS[i] .. ':' .. ARGV[j + 1])
+      if reads >= promote_reads and pttl > 0 then
+        redis.call('SET', KEYS[i] .. ':' .. ARGV[2], hit_value[i], 'PX', math.min(hot_ttl, pttl))
+        redis.call('HSET', meta, 'n', 0, 's', string.format('%.0f', now), 'p', 1)
+        redis.call('PEXPIRE', meta, pttl)
+        e[3] = 1
+      else
+        redis.call('HSET', meta, 'n', reads, 's', string.format('%.0f', start))
+        if m[3] then redis.call('HDEL', meta, 'p') end
+        redis.call('PEXPIRE', meta, window_ms)
+      end
+    end
+    out[i + 2] = e
+  end
+end
+return out
+"#;
+
+/// Writes each entry to its home tier with created-at and expiry stamped from Redis's clock,
+/// and deletes its other tiers' copies and its read counter. ARGV: tier count, tier names,
+/// then (home tier 0-based, ttl ms, envelope) per key. Returns Redis's clock.
+const WRITE_LUA: &str = r#"
+local ntiers = tonumber(ARGV[1])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local function be64(x)
+  local b = {}
+  for i = 8, 1, -1 do
+    b[i] = x % 256
+    x = math.floor(x / 256)
+  end
+  return string.char(unpack(b))
+end
+local a = ntiers + 2
+for i = 1, #KEYS do
+  local home, ttl, v = tonumber(ARGV[a]) + 1, tonumber(ARGV[a + 1]), ARGV[a + 2]
+  a = a + 3
+  local stamped = string.sub(v, 1, 4) .. be64(now) .. be64(now + ttl * 1000) .. string.sub(v, 21)
+  for j = 1, ntiers do
+    local key = KEYS[i] .. ':' .. ARGV[j + 1]
+    if j == home then
+      redis.call('SET', key, stamped, 'PX', ttl)
+    else
+      redis.call('DEL', key)
+    end
+  end
+  redis.call('DEL', KEYS[i] .. ':#')
+end
+return now
+"#;
+
+/// Deletes KEYS[1] only if it still holds ARGV[1].
+const REMOVE_IF_UNCHANGED_LUA: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"#;
+
+/// Sets each key to Redis's clock for ARGV[1] ms. Returns the clock.
+const STAMP_LUA: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+for i = 1, #KEYS do
+  redis.call('SET', KEYS[i], string.format('%.0f', now), 'PX', ARGV[1])
+end
+return now
+"#;
+
+static PROBE: LazyLock<Script> = LazyLock::new(|| script(PROBE_LUA));
+static WRITE: LazyLock<Script> = LazyLock::new(|| script(WRITE_LUA));
+static REMOVE_IF_UNCHANGED: LazyLock<Script> = LazyLock::new(|| script(REMOVE_IF_UNCHANGED_LUA));
+static STAMP: LazyLock<Script> = LazyLock::new(|| script(STAMP_LUA));
+
+/// The shared tiers of one named cache in Redis.
+#[derive(Debug)]
+pub struct RedisTiers {
+    connection: RedisConnection,
+    layout: KeyLayout,
+    tier_names: Vec<String>,
+    tag_prefix: String,
+    clear_key: String,
+    promote_reads: u32,
+    promote_window_ms: u64,
+    hot_ttl_ms: u64,
+    /// How long tag and clear stamps are kept: the longest TTL an entry can have.
+    stamp_retention_ms: u64,
+}
+
+impl RedisTiers {
+    /// The tiers `config` describes, over `connection`. The config is assumed validated (the
+    /// [`Tiered`](super::Tiered) builder does it).
+    pub fn new(connection: RedisConnection, config: &TieredConfig) -> Self {
+        let layout = KeyLayout::new(&config.key_prefix, &config.name);
+        RedisTiers {
+            connection,
+            tag_prefix: layout.tag_prefix(),
+            clear_key: layout.clear_key(),
+            layout,
+            tier_names: config.tiers.iter().map(|t| t.name.clone()).collect(),
+            promote_reads: config.promotion.reads,
+            promote_window_ms: config.promotion.window.as_millis() as u64,
+            hot_ttl_ms: config.tiers[0].ttl.as_millis() as u64,
+            stamp_retention_ms: config.max_ttl.as_millis() as u64,
+        }
+    }
+
+    async fn probe_chunk(&self, keys: &[&str], probe: &mut Probe) -> Result<()> {
+        let mut invocation = PROBE.prepare_invoke();
+        for key in keys {
+            invocation.key(self.layout.entry(key));
+        }
+        invocation.arg(self.tier_names.len());
+        for name in &self.tier_names {
+            invocation.arg(name);
+        }
+        invocation
+            .arg(&self.tag_prefix)
+            .arg(&self.clear_key)
+            .arg(self.promote_reads)
+            .arg(self.promote_window_ms)
+            .arg(self.hot_ttl_ms);
+        let reply: Value = self.connection.run_script("probe", &invocation).await?;
+        parse_probe(reply, keys.len(), self.tier_names.len(), probe)
+    }
+}
+
+fn malformed(what: &str) -> Error {
+    Error::Backend {
+        backend: "redis",
+        operation: "probe",
+        source: format!("unexpected reply from the probe script: {what}").into(),
+    }
+}
+
+fn int(value: &Value) -> Option<i64> {
+    match value {
+        Value::Int(i) => Some(*i),
+        _ => None,
+    }
+}
+
+/// Turns the probe script's reply into [`Found`]s, appending to `probe`.
+fn parse_probe(reply: Value, keys: usize, tiers: usize, probe: &mut Probe) -> Result<()> {
+    let Value::Array(items) = reply else {
+        return Err(malformed("not an array"));
+    };
+    if items.len() != keys + 2 {
+        return Err(malformed("wrong number of entries"));
+    }
+    let mut items = items.into_iter();
+    let now = items.next().as_ref().and_then(int).ok_or_else(|| malformed("no clock"))?;
+    let clear = items.next().as_ref().and_then(int).ok_or_else(|| malformed("no clear stamp"))?;
+    probe.now_us = now.max(0) as u64;
+    probe.clear_us = probe.clear_us.max(clear.max(0) as u64);
+    for item in items {
+        let Value::Array(fields) = item else {
+            probe.found.push(None);
+            continue;
+        };
+        let mut fields = fields.into_iter();
+        let tier = fields.next().as_ref().and_then(int).ok_or_else(|| malformed("no tier"))?;
+        let tier = usize::try_from(tier).ok().filter(|&t| t < tiers).ok_or_else(|| malformed("tier out of range"))?;
+        let envelope = match fields.next() {
+            Some(Value::BulkString(bytes)) => bytes,
+            _ => return Err(malformed("no envelope")),
+        };
+        let promoted = fields.next().as_ref().and_then(int) == Some(1);
+        let demoted = fields.next().as_ref().and_then(int) == Some(1);
+        let tag_stamps = fields.map(|v| int(&v).unwrap_or(0).max(0) as u64).collect();
+        let mut found = Found::new(tier, envelope, tag_stamps);
+        found.promoted = promoted;
+        found.demoted = demoted;
+        probe.found.push(Some(found));
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl TierStore for RedisTiers {
+    fn backend(&self) -> &'static str {
+        "redis"
+    }
+
+    async fn probe(&self, keys: &[&str]) -> Result<Probe> {
+        let mut probe = Probe {
+            found: Vec::with_capacity(keys.len()),
+            ..Probe::default()
+        };
+        for chunk in keys.chunks(PROBE_CHUNK) {
+            self.probe_chunk(chunk, &mut probe).await?;
+        }
+        Ok(probe)
+    }
+
+    async fn write(&self, writes: Vec<Write<'_>>) -> Result<u64> {
+        let mut invocation = WRITE.prepare_invoke();
+        invocation.arg(self.tier_names.len());
+        for name in &self.tier_names {
+            invocation.arg(name);
+        }
+        for write in &writes {
+            invocation
+                .key(self.layout.entry(write.key))
+                .arg(write.tier)
+                .arg(write.ttl.as_millis() as u64)
+                .arg(&write.envelope[..]);
+        }
+        self.connection.run_script("write", &invocation).await
+    }
+
+    async fn remove(&self, keys: &[&str]) -> Result<()> {
+        let mut pipeline = ::redis::pipe();
+        for key in keys {
+            let entry = self.layout.entry(key);
+            let mut names: Vec<String> = self.tier_names.iter().map(|t| KeyLayout::tier_key(&entry, t)).collect();
+            names.push(KeyLayout::tier_key(&entry, "#"));
+            pipeline.del(names).ignore();
+        }
+        self.connection.pipeline("remove", &pipeline).await
+    }
+
+    async fn remove_if_unchanged(&self, key: &str, tier: usize, envelope: &[u8]) -> Result<()> {
+        let Some(tier) = self.tier_names.get(tier) else {
+            return Ok(());
+        };
+        let mut invocation = REMOVE_IF_UNCHANGED.prepare_invoke();
+        invocation
+            .key(KeyLayout::tier_key(&self.layout.entry(key), tier))
+            .arg(envelope);
+        let _: i64 = self.connection.run_script("remove corrupt entry", &invocation).await?;
+        Ok(())
+    }
+
+    async fn stamp_tags(&self, tags: &[&str]) -> Result<u64> {
+        let mut invocation = STAMP.prepare_invoke();
+        for tag in tags {
+            invocation.key(format!("{}{tag}", self.tag_prefix));
+        }
+        invocation.arg(self.stamp_retention_ms);
+        self.connection.run_script("invalidate tags", &invocation).await
+    }
+
+    async fn clear(&self) -> Result<u64> {
+        let mut invocation = STAMP.prepare_invoke();
+        invocation.key(&self.clear_key).arg(self.stamp_retention_ms);
+        self.connection.run_script("clear", &invocation).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_hits_misses_and_stamps() {
+        let reply = Value::Array(vec![
+            Value::Int(1_000),
+            Value::Int(5),
+            Value::Int(0),
+            Value::Array(vec![
+                Value::Int(2),
+                Value::BulkString(b"env".to_vec()),
+                Value::Int(1),
+                Value::Int(0),
+                Value::Int(900),
+                Value::Int(0),
+            ]),
+        ]);
+        let mut probe = Probe::default();
+        parse_probe(reply, 2, 3, &mut probe).unwrap();
+        assert_eq!((probe.now_us, probe.clear_us), (1_000, 5));
+        assert_eq!(probe.found[0], None);
+        let found = probe.found[1].as_ref().unwrap();
+        assert_eq!((found.tier, found.promoted, found.demoted), (2, true, false));
+        assert_eq!(found.tag_stamps, [900, 0]);
+    }
+
+    #[test]
+    fn refuses_replies_of_the_wrong_shape() {
+        let mut probe = Probe::default();
+        assert!(parse_probe(Value::Nil, 1, 3, &mut probe).is_err());
+        let short = Value::Array(vec![Value::Int(1)]);
+        assert!(parse_probe(short, 1, 3, &mut probe).is_err());
+        let bad_tier = Value::Array(vec![
+            Value::Int(1),
+            Value::Int(0),
+            Value::Array(vec![Value::Int(7), Value::BulkString(vec![])]),
+        ]);
+        assert!(parse_probe(bad_tier, 1, 3, &mut probe).is_err());
+    }
+}

@@ -1,0 +1,693 @@
+//! [`TieredCache`], the trait, and [`Tiered`], its implementation over L0 and a [`TierStore`].
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::config::{EntryOptions, TieredConfig};
+use super::keys::{check_key, check_tags};
+use super::l0::{L0, LocalStamps};
+use super::memory::{MemoryTiers, now_us};
+use super::stats::{CacheStats, CacheTally, error_chain};
+use super::store::{Found, Probe, TierStore, Write};
+use crate::codec::{self, EncodeOptions};
+use crate::error::{BoxError, Error, Result, excerpt};
+
+/// A boxed, sendable future.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A loader for one key, as the dyn-compatible [`TieredCache`] takes it. [`Tiered`]'s own
+/// methods take any closure instead.
+pub type Loader<V> = Box<dyn FnOnce() -> BoxFuture<'static, Result<V, BoxError>> + Send>;
+
+/// A batch loader: gets the missing keys, returns the values it found (absent keys stay
+/// uncached misses).
+pub type ManyLoader<V> =
+    Box<dyn FnOnce(Vec<String>) -> BoxFuture<'static, Result<HashMap<String, V>, BoxError>> + Send>;
+
+/// A multi-tier cache of values of type `V`: an in-process L0 in front of shared tiers.
+///
+/// Dyn-compatible, so a host can hold `Arc<dyn TieredCache<Profile>>`. [`Tiered`] implements
+/// it, and also has inherent methods of the same names that take plain closures and skip the
+/// boxing.
+#[async_trait]
+pub trait TieredCache<V: Send + Sync + 'static>: Send + Sync {
+    /// The value under `key`, from the first tier that holds a valid copy.
+    async fn get(&self, key: &str) -> Result<Option<Arc<V>>>;
+
+    /// The values under `keys`, in order; one round trip to the shared tiers for all L0 misses.
+    async fn get_many(&self, keys: &[&str]) -> Result<Vec<Option<Arc<V>>>>;
+
+    /// The value under `key`, or the loader's value, which is then cached with `options`.
+    async fn get_or_load(&self, key: &str, options: &EntryOptions, loader: Loader<V>) -> Result<Arc<V>>;
+
+    /// The values under `keys`; the loader is called once with only the missing keys.
+    async fn get_or_load_many(
+        &self,
+        keys: &[&str],
+        options: &EntryOptions,
+        loader: ManyLoader<V>,
+    ) -> Result<Vec<Option<Arc<V>>>>;
+
+    /// Stores `value` under `key` in its home tier and in L0.
+    async fn set(&self, key: &str, value: V, options: &EntryOptions) -> Result<()>;
+
+    /// Stores several values with the same options, in one round trip.
+    async fn set_many(&self, entries: Vec<(String, V)>, options: &EntryOptions) -> Result<()>;
+
+    /// Removes `key` from every tier.
+    async fn invalidate(&self, key: &str) -> Result<()>;
+
+    /// Invalidates every entry carrying one of `tags`, by writing one timestamp per tag.
+    async fn invalidate_tags(&self, tags: &[&str]) -> Result<()>;
+
+    /// Invalidates every entry of this named cache, by writing one timestamp.
+    async fn clear(&self) -> Result<()>;
+
+    /// A snapshot of the counters.
+    fn stats(&self) -> CacheStats;
+}
+
+/// The tiered cache: L0 (moka, decoded `Arc<V>`) in front of a [`TierStore`] holding the
+/// shared tiers (Redis hot/warm/cold, or [`MemoryTiers`]).
+///
+/// Reads that miss L0 probe every shared tier and the entry's tag timestamps in one round
+/// trip. Shared-tier failures never fail a read: they are counted, logged, and the read
+/// falls back to L0 and the loader. Writes apply locally and return the store's error.
+/// Cloning is cheap and shares everything.
+pub struct Tiered<V> {
+    inner: Arc<Inner<V>>,
+}
+
+impl<V> Clone for Tiered<V> {
+    fn clone(&self) -> Self {
+        Tiered {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<V> std::fmt::Debug for Tiered<V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tiered")
+            .field("name", &self.inner.config.name)
+            .field("l0", &self.inner.l0.is_some())
+            .field("store", &self.inner.store)
+            .finish()
+    }
+}
+
+struct Inner<V> {
+    config: TieredConfig,
+    encode: EncodeOptions,
+    default_tier: usize,
+    l0: Option<L0<V>>,
+    store: Option<Arc<dyn TierStore>>,
+    tally: Arc<CacheTally>,
+    stamps: LocalStamps,
+    /// Store clock minus local clock, in µs, as last seen; estimates the store's clock when it
+    /// cannot be asked.
+    clock_offset_us: AtomicI64,
+}
+
+/// Builds a [`Tiered`]: choose the shared tiers, then [`build`](TieredBuilder::build).
+#[must_use]
+pub struct TieredBuilder<V> {
+    config: TieredConfig,
+    store: StoreChoice,
+    _values: PhantomData<fn() -> V>,
+}
+
+enum StoreChoice {
+    None,
+    Memory { max_bytes_per_tier: u64 },
+    Custom(Arc<dyn TierStore>),
+    #[cfg(feature = "redis")]
+    Redis(crate::redis::RedisConnection),
+}
+
+impl<V> TieredBuilder<V>
+where
+    V: Serialize + DeserializeOwned + Send + Sync + 'static,
+{
+    /// Shared tiers in this process ([`MemoryTiers`]), each bounded to `max_bytes_per_tier`.
+    pub fn memory_tiers(mut self, max_bytes_per_tier: u64) -> Self {
+        self.store = StoreChoice::Memory { max_bytes_per_tier };
+        self
+    }
+
+    /// Shared tiers in Redis, over a (shareable) multiplexed connection.
+    #[cfg(feature = "redis")]
+    pub fn redis(mut self, connection: crate::redis::RedisConnection) -> Self {
+        self.store = StoreChoice::Redis(connection);
+        self
+    }
+
+    /// Shared tiers in a store of your own.
+    pub fn store(mut self, store: Arc<dyn TierStore>) -> Self {
+        self.store = StoreChoice::Custom(store);
+        self
+    }
+
+    /// Validates the configuration and builds the cache. Does no I/O: a Redis that is down now
+    /// is used once it answers.
+    pub fn build(self) -> Result<Tiered<V>> {
+        let config = self.config;
+        config.validate()?;
+        let store: Option<Arc<dyn TierStore>> = match self.store {
+            StoreChoice::None => None,
+            StoreChoice::Memory { max_bytes_per_tier } => {
+                Some(Arc::new(MemoryTiers::new(&config, max_bytes_per_tier)))
+            }
+            StoreChoice::Custom(store) => Some(store),
+            #[cfg(feature = "redis")]
+            StoreChoice::Redis(connection) => Some(Arc::new(super::redis::RedisTiers::new(connection, &config))),
+        };
+        if store.is_none() && !config.l0.enabled {
+            return Err(Error::invalid(
+                "cache",
+                "L0 is disabled and no shared tiers were given: nothing would be cached",
+            ));
+        }
+        let tier_names: Vec<&str> = config.tiers.iter().map(|t| t.name.as_str()).collect();
+        let tally = Arc::new(CacheTally::new(&config.name, &tier_names));
+        let l0 = config
+            .l0
+            .enabled
+            .then(|| L0::new(config.l0.max_bytes, config.l0.ttl, tally.clone()));
+        Ok(Tiered {
+            inner: Arc::new(Inner {
+                encode: config.encode_options(),
+                default_tier: config.tier_index(&config.default_tier)?,
+                stamps: LocalStamps::new(config.l0.ttl),
+                config,
+                l0,
+                store,
+                tally,
+                clock_offset_us: AtomicI64::new(0),
+            }),
+        })
+    }
+}
+
+/// What a write needs after validation and encoding.
+struct Prepared<'k, V> {
+    key: &'k str,
+    value: Arc<V>,
+    tier: usize,
+    ttl: Duration,
+    encoded: codec::Encoded,
+}
+
+impl<V> Tiered<V>
+where
+    V: Serialize + DeserializeOwned + Send + Sync + 'static,
+{
+    /// Starts building a cache with `config`.
+    pub fn builder(config: TieredConfig) -> TieredBuilder<V> {
+        TieredBuilder {
+            config,
+            store: StoreChoice::None,
+            _values: PhantomData,
+        }
+    }
+
+    /// The configuration this cache was built with.
+    pub fn config(&self) -> &TieredConfig {
+        &self.inner.config
+    }
+
+    /// The value under `key`, from the first tier that holds a valid copy.
+    pub async fn get(&self, key: &str) -> Result<Option<Arc<V>>> {
+        let inner = &*self.inner;
+        check_key(key, inner.config.max_key_bytes)?;
+        if let Some(l0) = &inner.l0 {
+            if let Some(value) = l0.get(key, &inner.stamps).await {
+                inner.tally.l0().hits.add(1);
+                return Ok(Some(value));
+            }
+            inner.tally.l0().misses.add(1);
+        }
+        let mut found = self.probe_shared(&[key]).await;
+        Ok(found.pop().flatten())
+    }
+
+    /// The values under `keys`, in order. L0 misses are probed in one round trip.
+    pub async fn get_many(&self, keys: &[&str]) -> Result<Vec<Option<Arc<V>>>> {
+        let inner = &*self.inner;
+        for key in keys {
+            check_key(key, inner.config.max_key_bytes)?;
+        }
+        let mut out: Vec<Option<Arc<V>>> = vec![None; keys.len()];
+        let mut missing: Vec<usize> = Vec::new();
+        match &inner.l0 {
+            Some(l0) => {
+                for (i, key) in keys.iter().enumerate() {
+                    out[i] = l0.get(key, &inner.stamps).await;
+                    if out[i].is_none() {
+                        missing.push(i);
+                    }
+                }
+                let hits = (keys.len() - missing.len()) as u64;
+                inner.tally.l0().hits.add(hits);
+                inner.tally.l0().misses.add(missing.len() as u64);
+            }
+            None => missing.extend(0..keys.len()),
+        }
+        if missing.is_empty() || inner.store.is_none() {
+            return Ok(out);
+        }
+        // Probe each distinct key once.
+        let mut slots: HashMap<&str, Vec<usize>> = HashMap::with_capacity(missing.len());
+        let mut unique: Vec<&str> = Vec::with_capacity(missing.len());
+        for i in missing {
+            let slot = slots.entry(keys[i]).or_default();
+            if slot.is_empty() {
+                unique.push(keys[i]);
+            }
+            slot.push(i);
+        }
+        let found = self.probe_shared(&unique).await;
+        for (key, value) in unique.iter().zip(found) {
+            if let Some(value) = value {
+                for &i in &slots[key] {
+                    out[i] = Some(value.clone());
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The value under `key`, or else `loader`'s, which is cached with `options`.
+    ///
+    /// Options are checked before the loader runs. If the loaded value cannot be cached (too
+    /// large, or the shared tiers are down) it is still returned, and the failure counted.
+    pub async fn get_or_load<F, Fut, E>(&self, key: &str, options: &EntryOptions, loader: F) -> Result<Arc<V>>
+    where
+        F: FnOnce() -> Fut + Send,
+        Fut: Future<Output = Result<V, E>> + Send,
+        E: Into<BoxError>,
+    {
+        self.check_options(options)?;
+        if let Some(value) = self.get(key).await? {
+            return Ok(value);
+        }
+        let inner = &*self.inner;
+        inner.tally.loader_calls.add(1);
+        let value = match loader().await {
+            Ok(value) => Arc::new(value),
+            Err(error) => {
+                inner.tally.loader_errors.add(1);
+                return Err(Error::Loader {
+                    key: excerpt(key),
+                    source: error.into(),
+                });
+            }
+        };
+        self.cache_loaded(vec![(key, value.clone())], options).await;
+        Ok(value)
+    }
+
+    /// The values under `keys`, in order; `loader` is called once, with only the keys that no
+    /// tier holds, and what it returns is cached with `options`. Keys it does not return stay
+    /// `None` and are not cached.
+    pub async fn get_or_load_many<F, Fut, E>(
+        &self,
+        keys: &[&str],
+        options: &EntryOptions,
+        loader: F,
+    ) -> Result<Vec<Option<Arc<V>>>>
+    where
+        F: FnOnce(Vec<String>) -> Fut + Send,
+        Fut: Future<Output = Result<HashMap<String, V>, E>> + Send,
+        E: Into<BoxError>,
+    {
+        self.check_options(options)?;
+        let mut out = self.get_many(keys).await?;
+        let mut wanted: HashMap<&str, Vec<usize>> = HashMap::new();
+        let mut missing: Vec<String> = Vec::new();
+        for (i, key) in keys.iter().enumerate() {
+            if out[i].is_none() {
+                let slots = wanted.entry(key).or_default();
+                if slots.is_empty() {
+                    missing.push((*key).to_owned());
+                }
+                slots.push(i);
+            }
+        }
+        if missing.is_empty() {
+            return Ok(out);
+        }
+        let inner = &*self.inner;
+        inner.tally.loader_calls.add(1);
+        let first_missing = excerpt(&missing[0]);
+        let loaded = match loader(missing).await {
+            Ok(loaded) => loaded,
+            Err(error) => {
+                inner.tally.loader_errors.add(1);
+                return Err(Error::Loader {
+                    key: first_missing,
+                    source: error.into(),
+                });
+            }
+        };
+        let mut to_cache = Vec::with_capacity(loaded.len());
+        for (key, value) in loaded {
+            let Some((&key, slots)) = wanted.get_key_value(key.as_str()) else {
+                continue;
+            };
+            let value = Arc::new(value);
+            for &i in slots {
+                out[i] = Some(value.clone());
+            }
+            to_cache.push((key, value));
+        }
+        self.cache_loaded(to_cache, options).await;
+        Ok(out)
+    }
+
+    /// Stores `value` under `key` in its home tier (removing copies elsewhere) and in L0.
+    pub async fn set(&self, key: &str, value: V, options: &EntryOptions) -> Result<()> {
+        let prepared = self.prepare(key, Arc::new(value), options)?;
+        self.write(vec![prepared], options).await
+    }
+
+    /// Stores several values with the same options, in one round trip.
+    pub async fn set_many(&self, entries: Vec<(String, V)>, options: &EntryOptions) -> Result<()> {
+        let (keys, values): (Vec<String>, Vec<V>) = entries.into_iter().unzip();
+        let mut writes = Vec::with_capacity(keys.len());
+        for (key, value) in keys.iter().zip(values) {
+            writes.push(self.prepare(key, Arc::new(value), options)?);
+        }
+        self.write(writes, options).await
+    }
+
+    /// Removes `key` from L0 and every shared tier.
+    pub async fn invalidate(&self, key: &str) -> Result<()> {
+        let inner = &*self.inner;
+        check_key(key, inner.config.max_key_bytes)?;
+        if let Some(l0) = &inner.l0 {
+            l0.invalidate(key).await;
+        }
+        match &inner.store {
+            Some(store) => self.track(store.backend(), store.remove(&[key]).await),
+            None => Ok(()),
+        }
+    }
+
+    /// Invalidates every entry carrying one of `tags`: one timestamp per tag, no scans or mass
+    /// deletes. Entries created at or before it are misses from now on.
+    pub async fn invalidate_tags(&self, tags: &[&str]) -> Result<()> {
+        let inner = &*self.inner;
+        check_tags(tags, inner.config.max_tag_bytes, inner.config.max_tags)?;
+        let (stamp, result) = match &inner.store {
+            Some(store) => match self.track(store.backend(), store.stamp_tags(tags).await) {
+                Ok(stamp) => (stamp, Ok(())),
+                Err(error) => (self.store_clock_estimate(), Err(error)),
+            },
+            None => (self.store_clock_estimate(), Ok(())),
+        };
+        if inner.stamps.record_tags(tags, stamp) {
+            if let Some(l0) = &inner.l0 {
+                l0.invalidate_all();
+            }
+        }
+        result
+    }
+
+    /// Invalidates every entry of this named cache with one timestamp, and empties L0.
+    pub async fn clear(&self) -> Result<()> {
+        let inner = &*self.inner;
+        let (stamp, result) = match &inner.store {
+            Some(store) => match self.track(store.backend(), store.clear().await) {
+                Ok(stamp) => (stamp, Ok(())),
+                Err(error) => (self.store_clock_estimate(), Err(error)),
+            },
+            None => (self.store_clock_estimate(), Ok(())),
+        };
+        inner.stamps.record_clear(stamp);
+        if let Some(l0) = &inner.l0 {
+            l0.invalidate_all();
+        }
+        result
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> CacheStats {
+        let (entries, bytes) = self.inner.l0.as_ref().map_or((0, 0), L0::size);
+        self.inner.tally.snapshot(entries, bytes)
+    }
+
+    fn check_options(&self, options: &EntryOptions) -> Result<(usize, Duration)> {
+        let config = &self.inner.config;
+        check_tags(&options.tags, config.max_tag_bytes, config.max_tags)?;
+        let tier = match &options.tier {
+            Some(name) => config.tier_index(name)?,
+            None => self.inner.default_tier,
+        };
+        let ttl = options.ttl.unwrap_or(config.tiers[tier].ttl);
+        if ttl.is_zero() || ttl > config.max_ttl {
+            return Err(Error::invalid(
+                "ttl",
+                format!("{ttl:?} must be above zero and at most max_ttl {:?}", config.max_ttl),
+            ));
+        }
+        Ok((tier, ttl))
+    }
+
+    fn prepare<'k>(&self, key: &'k str, value: Arc<V>, options: &EntryOptions) -> Result<Prepared<'k, V>> {
+        check_key(key, self.inner.config.max_key_bytes)?;
+        let (tier, ttl) = self.check_options(options)?;
+        let encoded = codec::encode(key, &*value, &options.tags, &self.inner.encode)?;
+        Ok(Prepared {
+            key,
+            value,
+            tier,
+            ttl,
+            encoded,
+        })
+    }
+
+    /// Writes prepared entries to the store, then to L0. Returns the store's error, if any,
+    /// after L0 is updated.
+    async fn write(&self, prepared: Vec<Prepared<'_, V>>, options: &EntryOptions) -> Result<()> {
+        let inner = &*self.inner;
+        let mut l0_inserts = Vec::with_capacity(prepared.len());
+        let mut writes = Vec::with_capacity(prepared.len());
+        for p in prepared {
+            let tally = inner.tally.shared(p.tier);
+            tally.bytes_raw.add(p.encoded.raw_len as u64);
+            tally.bytes_stored.add(p.encoded.stored_len as u64);
+            l0_inserts.push((p.key, p.value, p.ttl, p.encoded.bytes.len()));
+            writes.push(Write {
+                key: p.key,
+                tier: p.tier,
+                ttl: p.ttl,
+                envelope: p.encoded.bytes,
+            });
+        }
+        let (created_us, result) = match &inner.store {
+            Some(store) => match self.track(store.backend(), store.write(writes).await) {
+                Ok(now) => (now, Ok(())),
+                Err(error) => (self.store_clock_estimate(), Err(error)),
+            },
+            None => (self.store_clock_estimate(), Ok(())),
+        };
+        if let Some(l0) = &inner.l0 {
+            for (key, value, ttl, len) in l0_inserts {
+                l0.insert(key, value, created_us, &options.tags, ttl, len, &inner.stamps)
+                    .await;
+            }
+        }
+        result
+    }
+
+    /// Caches freshly loaded values; failures are counted and logged, not returned, because
+    /// the caller has its value.
+    async fn cache_loaded(&self, loaded: Vec<(&str, Arc<V>)>, options: &EntryOptions) {
+        let mut prepared = Vec::with_capacity(loaded.len());
+        for (key, value) in loaded {
+            match self.prepare(key, value, options) {
+                Ok(p) => prepared.push(p),
+                Err(error) => {
+                    self.inner.tally.oversized_values.add(1);
+                    tracing::warn!(cache = %self.inner.config.name, key = %excerpt(key), error = %error_chain(&error), "loaded value not cached");
+                }
+            }
+        }
+        if !prepared.is_empty() {
+            // A store failure is already counted and logged by `write`.
+            let _ = self.write(prepared, options).await;
+        }
+    }
+
+    /// Probes the shared tiers for `keys` and turns what they hold into values, backfilling
+    /// L0. Failures count as misses.
+    async fn probe_shared(&self, keys: &[&str]) -> Vec<Option<Arc<V>>> {
+        let inner = &*self.inner;
+        let Some(store) = &inner.store else {
+            return vec![None; keys.len()];
+        };
+        let probe = match self.track(store.backend(), store.probe(keys).await) {
+            Ok(probe) => probe,
+            Err(_) => return vec![None; keys.len()],
+        };
+        self.note_store_clock(probe.now_us);
+        let Probe {
+            now_us,
+            clear_us,
+            found,
+        } = probe;
+        let mut out = Vec::with_capacity(keys.len());
+        for (key, found) in keys.iter().zip(found) {
+            let value = match found {
+                Some(found) => self.accept(store.as_ref(), key, found, now_us, clear_us).await,
+                None => {
+                    inner.tally.tiers[1..].iter().for_each(|t| t.misses.add(1));
+                    None
+                }
+            };
+            out.push(value);
+        }
+        out
+    }
+
+    /// Decodes and checks one found entry; counts hits, misses, promotions and demotions.
+    async fn accept(&self, store: &dyn TierStore, key: &str, found: Found, now_us: u64, clear_us: u64) -> Option<Arc<V>> {
+        let inner = &*self.inner;
+        let count_misses_through = |last: usize| {
+            for tier in 0..=last.min(inner.config.tiers.len() - 1) {
+                inner.tally.shared(tier).misses.add(1);
+            }
+        };
+        let decoded = match codec::decode::<V>(key, &found.envelope, inner.config.max_value_bytes) {
+            Ok(decoded) => decoded,
+            Err(error) => {
+                inner.tally.corrupt_entries.add(1);
+                tracing::warn!(cache = %inner.config.name, key = %excerpt(key), tier = %inner.config.tiers[found.tier].name, error = %error_chain(&error), "dropping an entry that does not decode");
+                let removed = store.remove_if_unchanged(key, found.tier, &found.envelope).await;
+                let _ = self.track(store.backend(), removed);
+                count_misses_through(usize::MAX);
+                return None;
+            }
+        };
+        let header = &decoded.header;
+        if header.expires_us <= now_us {
+            count_misses_through(usize::MAX);
+            return None;
+        }
+        let invalidated = header.created_us <= clear_us
+            || found
+                .tag_stamps
+                .iter()
+                .any(|&stamp| header.created_us <= stamp);
+        if invalidated {
+            inner.tally.stale_by_tag.add(1);
+            count_misses_through(usize::MAX);
+            return None;
+        }
+        if found.tier > 0 {
+            count_misses_through(found.tier - 1);
+        }
+        inner.tally.shared(found.tier).hits.add(1);
+        if found.promoted {
+            inner.tally.shared(0).promotions.add(1);
+        }
+        if found.demoted {
+            inner.tally.shared(0).demotions.add(1);
+        }
+        let value = Arc::new(decoded.value);
+        if let Some(l0) = &inner.l0 {
+            let remaining = Duration::from_micros(header.expires_us - now_us);
+            l0.insert(
+                key,
+                value.clone(),
+                header.created_us,
+                &header.tags,
+                remaining,
+                found.envelope.len(),
+                &inner.stamps,
+            )
+            .await;
+        }
+        Some(value)
+    }
+
+    /// Counts and logs a store failure, and notes recovery.
+    fn track<T>(&self, backend: &'static str, result: Result<T>) -> Result<T> {
+        match &result {
+            Ok(_) => self.inner.tally.backend_ok(backend),
+            Err(error) => self.inner.tally.backend_failed(backend, error),
+        }
+        result
+    }
+
+    fn note_store_clock(&self, store_now_us: u64) {
+        let offset = store_now_us as i64 - now_us() as i64;
+        self.inner.clock_offset_us.store(offset, Ordering::Relaxed);
+    }
+
+    fn store_clock_estimate(&self) -> u64 {
+        let offset = self.inner.clock_offset_us.load(Ordering::Relaxed);
+        now_us().saturating_add_signed(offset)
+    }
+}
+
+#[async_trait]
+impl<V> TieredCache<V> for Tiered<V>
+where
+    V: Serialize + DeserializeOwned + Send + Sync + 'static,
+{
+    async fn get(&self, key: &str) -> Result<Option<Arc<V>>> {
+        Tiered::get(self, key).await
+    }
+
+    async fn get_many(&self, keys: &[&str]) -> Result<Vec<Option<Arc<V>>>> {
+        Tiered::get_many(self, keys).await
+    }
+
+    async fn get_or_load(&self, key: &str, options: &EntryOptions, loader: Loader<V>) -> Result<Arc<V>> {
+        Tiered::get_or_load(self, key, options, loader).await
+    }
+
+    async fn get_or_load_many(
+        &self,
+        keys: &[&str],
+        options: &EntryOptions,
+        loader: ManyLoader<V>,
+    ) -> Result<Vec<Option<Arc<V>>>> {
+        Tiered::get_or_load_many(self, keys, options, loader).await
+    }
+
+    async fn set(&self, key: &str, value: V, options: &EntryOptions) -> Result<()> {
+        Tiered::set(self, key, value, options).await
+    }
+
+    async fn set_many(&self, entries: Vec<(String, V)>, options: &EntryOptions) -> Result<()> {
+        Tiered::set_many(self, entries, options).await
+    }
+
+    async fn invalidate(&self, key: &str) -> Result<()> {
+        Tiered::invalidate(self, key).await
+    }
+
+    async fn invalidate_tags(&self, tags: &[&str]) -> Result<()> {
+        Tiered::invalidate_tags(self, tags).await
+    }
+
+    async fn clear(&self) -> Result<()> {
+        Tiered::clear(self).await
+    }
+
+    fn stats(&self) -> CacheStats {
+        Tiered::stats(self)
+    }
+}

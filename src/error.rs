@@ -1,0 +1,170 @@
+//! The one error type of the crate.
+
+use std::fmt;
+use std::time::Duration;
+
+/// A boxed error from a caller's loader or from a backend, kept as a `source()`.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// The result type of every fallible pupkit call.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in pupkit.
+///
+/// Backend errors (Redis, ...) are kept only as [`std::error::Error::source`], so an optional
+/// dependency never shows up in a signature. Ask questions with [`Error::is_timeout`],
+/// [`Error::is_invalid_input`] and [`Error::is_backend`] rather than matching on variants.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A caller-supplied value (key, tag, option, size) was rejected before anything was sent.
+    #[error("invalid {what}: {reason}")]
+    InvalidInput {
+        /// What was rejected ("cache key", "tag", "ttl", ...).
+        what: &'static str,
+        /// Why, including the offending value (truncated if long).
+        reason: String,
+    },
+
+    /// A value was larger than the configured maximum.
+    #[error("value for key {key:?} is {size} bytes encoded, over the limit of {limit} bytes")]
+    ValueTooLarge {
+        /// The key (truncated if long).
+        key: String,
+        /// The encoded size in bytes.
+        size: usize,
+        /// The configured limit in bytes.
+        limit: usize,
+    },
+
+    /// A value could not be serialized or deserialized.
+    #[error("could not {action} value for key {key:?}")]
+    Codec {
+        /// `"encode"` or `"decode"`.
+        action: &'static str,
+        /// The key (truncated if long).
+        key: String,
+        /// The serde error.
+        #[source]
+        source: BoxError,
+    },
+
+    /// Stored bytes are not a valid envelope (garbage, truncated, or a future format version).
+    #[error("stored entry is not a valid envelope: {reason}")]
+    Corrupt {
+        /// What was wrong with the bytes.
+        reason: String,
+    },
+
+    /// A backend (Redis, ...) failed.
+    #[error("{backend} {operation} failed")]
+    Backend {
+        /// The backend ("redis", ...).
+        backend: &'static str,
+        /// The operation that failed ("probe", "write", "invalidate", ...).
+        operation: &'static str,
+        /// The backend's error.
+        #[source]
+        source: BoxError,
+    },
+
+    /// A backend call did not answer within its deadline.
+    #[error("{backend} {operation} timed out after {after:?}")]
+    Timeout {
+        /// The backend ("redis", ...).
+        backend: &'static str,
+        /// The operation that timed out.
+        operation: &'static str,
+        /// The configured deadline.
+        after: Duration,
+    },
+
+    /// The caller's loader failed; its error is the source.
+    #[error("loader for key {key:?} failed")]
+    Loader {
+        /// The key being loaded (for batch loads, the first missing key).
+        key: String,
+        /// The loader's error.
+        #[source]
+        source: BoxError,
+    },
+}
+
+impl Error {
+    /// True when a backend call ran past its deadline.
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, Error::Timeout { .. })
+    }
+
+    /// True when the caller's input was rejected (bad key, tag, option or oversized value).
+    pub fn is_invalid_input(&self) -> bool {
+        matches!(
+            self,
+            Error::InvalidInput { .. } | Error::ValueTooLarge { .. }
+        )
+    }
+
+    /// True when a backend failed or timed out.
+    pub fn is_backend(&self) -> bool {
+        matches!(self, Error::Backend { .. } | Error::Timeout { .. })
+    }
+
+    /// True when the caller's loader failed.
+    pub fn is_loader(&self) -> bool {
+        matches!(self, Error::Loader { .. })
+    }
+
+    pub(crate) fn invalid(what: &'static str, reason: impl fmt::Display) -> Self {
+        Error::InvalidInput {
+            what,
+            reason: reason.to_string(),
+        }
+    }
+
+    pub(crate) fn corrupt(reason: impl fmt::Display) -> Self {
+        Error::Corrupt {
+            reason: reason.to_string(),
+        }
+    }
+}
+
+/// Shortens caller-supplied text for an error message, so a 1 MiB key does not become a
+/// 1 MiB error.
+pub(crate) fn excerpt(text: &str) -> String {
+    const MAX: usize = 64;
+    if text.len() <= MAX {
+        return text.to_owned();
+    }
+    let mut end = MAX;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}... ({} bytes)", &text[..end], text.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn excerpt_keeps_short_text_and_cuts_long_text_on_a_char_boundary() {
+        assert_eq!(excerpt("user:42"), "user:42");
+        let long = "é".repeat(100);
+        let cut = excerpt(&long);
+        assert!(cut.ends_with("(200 bytes)"), "{cut}");
+        assert!(cut.len() < 100);
+    }
+
+    #[test]
+    fn questions_answer_by_kind() {
+        let e = Error::invalid("cache key", "empty");
+        assert!(e.is_invalid_input() && !e.is_backend() && !e.is_timeout());
+        let t = Error::Timeout {
+            backend: "redis",
+            operation: "probe",
+            after: Duration::from_millis(50),
+        };
+        assert!(t.is_timeout() && t.is_backend());
+        assert_eq!(t.to_string(), "redis probe timed out after 50ms");
+    }
+}

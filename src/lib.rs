@@ -1,0 +1,90 @@
+//! # pupkit
+//!
+//! The performance layer of an AI-backed service, as a library: components a host wires into
+//! its own server, each measured against the raw crates it is built on.
+//!
+//! | module | what it gives |
+//! |---|---|
+//! | [`cache`] | [`TieredCache`](cache::TieredCache): an in-process L0 (moka) in front of Redis hot/warm/cold tiers, one round trip per read, tag invalidation by timestamp, lz4 compression, promotion of hot entries |
+//! | [`codec`] | the versioned envelope every cached value is stored in |
+//! | `redis` | [`RedisConnection`](crate::redis::RedisConnection): one shared multiplexed connection with a deadline on every operation (feature `redis`) |
+//!
+//! ## Quick start
+//!
+//! ```
+//! use pupkit::cache::{EntryOptions, Tiered, TieredConfig};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> pupkit::Result<()> {
+//! // L0 plus in-process hot/warm/cold tiers: no services needed.
+//! let cache: Tiered<Vec<f32>> = Tiered::builder(TieredConfig::named("embeddings"))
+//!     .memory_tiers(64 << 20)
+//!     .build()?;
+//! let vector = cache
+//!     .get_or_load("hello world", &EntryOptions::new().tier("cold"), || async {
+//!         Ok::<_, std::io::Error>(vec![0.1, 0.2, 0.3])
+//!     })
+//!     .await?;
+//! assert_eq!(vector.len(), 3);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! With the `redis` feature, the same cache runs on Redis:
+//!
+//! ```no_run
+//! # #[cfg(feature = "redis")]
+//! # async fn run() -> pupkit::Result<()> {
+//! use pupkit::cache::{Tiered, TieredConfig};
+//! use pupkit::redis::{RedisConfig, RedisConnection};
+//!
+//! let redis = RedisConnection::lazy(&RedisConfig::from_env())?;
+//! let cache: Tiered<String> = Tiered::builder(TieredConfig::named("messages")).redis(redis).build()?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! ## Features
+//!
+//! | feature | enables |
+//! |---|---|
+//! | `redis` | Redis shared tiers ([`cache::RedisTiers`]) and [`redis::RedisConnection`] |
+//! | `full` | every backend |
+//!
+//! Traits and configuration types compile without any feature. The MSRV is 1.88.
+//!
+//! ## Observability
+//!
+//! Counters go through the [`metrics`](https://docs.rs/metrics) facade (install your recorder
+//! before building components: handles are registered at build time) and log events through
+//! [`tracing`](https://docs.rs/tracing). Every component also has a `stats()` snapshot.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+pub mod cache;
+pub mod codec;
+mod error;
+#[cfg(feature = "redis")]
+pub mod redis;
+mod serde_duration;
+
+pub use error::{BoxError, Error, Result};
+
+#[cfg(test)]
+mod assertions {
+    use std::sync::Arc;
+
+    use crate::cache::{TierStore, Tiered, TieredCache};
+
+    fn assert_send_sync<T: Send + Sync>() {}
+
+    #[test]
+    fn public_types_are_send_sync_and_traits_dyn_compatible() {
+        assert_send_sync::<Tiered<String>>();
+        assert_send_sync::<crate::Error>();
+        let _: Option<Arc<dyn TieredCache<String>>> = None;
+        let _: Option<Arc<dyn TierStore>> = None;
+    }
+}

@@ -1,0 +1,537 @@
+//! The tiered cache: behaviour on in-process tiers (no services), then against the real Redis.
+
+mod support;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pupkit::cache::{
+    EntryOptions, MemoryTiers, Probe, TierStore, Tiered, TieredCache, TieredConfig, Write,
+};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Message {
+    id: u64,
+    text: String,
+}
+
+fn message(id: u64) -> Message {
+    Message {
+        id,
+        text: format!("message number {id}"),
+    }
+}
+
+fn memory_cache(name: &str) -> Tiered<Message> {
+    Tiered::builder(TieredConfig::named(name)).memory_tiers(16 << 20).build().unwrap()
+}
+
+/// Counts calls to the store it wraps.
+#[derive(Debug)]
+struct CountingStore {
+    inner: MemoryTiers,
+    probes: AtomicUsize,
+    probed_keys: AtomicUsize,
+}
+
+#[async_trait]
+impl TierStore for CountingStore {
+    fn backend(&self) -> &'static str {
+        "counting"
+    }
+    async fn probe(&self, keys: &[&str]) -> pupkit::Result<Probe> {
+        self.probes.fetch_add(1, Ordering::SeqCst);
+        self.probed_keys.fetch_add(keys.len(), Ordering::SeqCst);
+        self.inner.probe(keys).await
+    }
+    async fn write(&self, writes: Vec<Write<'_>>) -> pupkit::Result<u64> {
+        self.inner.write(writes).await
+    }
+    async fn remove(&self, keys: &[&str]) -> pupkit::Result<()> {
+        self.inner.remove(keys).await
+    }
+    async fn remove_if_unchanged(&self, key: &str, tier: usize, envelope: &[u8]) -> pupkit::Result<()> {
+        self.inner.remove_if_unchanged(key, tier, envelope).await
+    }
+    async fn stamp_tags(&self, tags: &[&str]) -> pupkit::Result<u64> {
+        self.inner.stamp_tags(tags).await
+    }
+    async fn clear(&self) -> pupkit::Result<u64> {
+        self.inner.clear().await
+    }
+}
+
+#[tokio::test]
+async fn get_or_load_loads_once_then_serves_from_l0() {
+    let cache = memory_cache("once");
+    let calls = AtomicUsize::new(0);
+    for _ in 0..3 {
+        let value = cache
+            .get_or_load("m:1", &EntryOptions::new(), || async {
+                calls.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, std::io::Error>(message(1))
+            })
+            .await
+            .unwrap();
+        assert_eq!(*value, message(1));
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    let stats = cache.stats();
+    assert_eq!(stats.loader_calls, 1);
+    assert_eq!(stats.tier("l0").unwrap().hits, 2);
+}
+
+#[tokio::test]
+async fn an_l0_miss_is_one_probe_of_the_shared_tiers_even_for_many_keys() {
+    let config = TieredConfig::named("probes");
+    let store = Arc::new(CountingStore {
+        inner: MemoryTiers::new(&config, 1 << 20),
+        probes: AtomicUsize::new(0),
+        probed_keys: AtomicUsize::new(0),
+    });
+    let writer: Tiered<Message> = Tiered::builder(config.clone()).store(store.clone()).build().unwrap();
+    for id in 0..10 {
+        writer.set(&format!("m:{id}"), message(id), &EntryOptions::new().tier("cold")).await.unwrap();
+    }
+    let mut reader_config = config;
+    reader_config.l0.enabled = false;
+    let reader: Tiered<Message> = Tiered::builder(reader_config).store(store.clone()).build().unwrap();
+    assert_eq!(*reader.get("m:3").await.unwrap().unwrap(), message(3));
+    assert_eq!(store.probes.load(Ordering::SeqCst), 1);
+    let keys: Vec<String> = (0..12).map(|i| format!("m:{i}")).collect();
+    let mut refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+    refs.push("m:3"); // a duplicate is probed once
+    let values = reader.get_many(&refs).await.unwrap();
+    assert_eq!(store.probes.load(Ordering::SeqCst), 2);
+    assert_eq!(store.probed_keys.load(Ordering::SeqCst), 1 + 12);
+    assert_eq!(values.len(), 13);
+    assert!(values[..10].iter().all(Option::is_some));
+    assert!(values[10].is_none() && values[11].is_none());
+    assert_eq!(values[12].as_deref(), Some(&message(3)));
+}
+
+#[tokio::test]
+async fn get_or_load_many_asks_the_loader_for_missing_keys_only() {
+    let cache = memory_cache("many");
+    cache.set("a", message(1), &EntryOptions::new()).await.unwrap();
+    let asked = std::sync::Mutex::new(Vec::new());
+    let values = cache
+        .get_or_load_many(&["a", "b", "c", "b"], &EntryOptions::new(), |missing| {
+            asked.lock().unwrap().extend(missing.clone());
+            async move {
+                // "c" does not exist upstream; "zzz" was never asked for and is ignored.
+                let mut found = HashMap::new();
+                found.insert("b".to_owned(), message(2));
+                found.insert("zzz".to_owned(), message(99));
+                Ok::<_, std::io::Error>(found)
+            }
+        })
+        .await
+        .unwrap();
+    let mut asked = asked.into_inner().unwrap();
+    asked.sort();
+    assert_eq!(asked, ["b", "c"]);
+    assert_eq!(values[0].as_deref(), Some(&message(1)));
+    assert_eq!(values[1].as_deref(), Some(&message(2)));
+    assert_eq!(values[2], None);
+    assert_eq!(values[3].as_deref(), Some(&message(2)));
+    assert!(cache.get("zzz").await.unwrap().is_none());
+    assert_eq!(cache.get("b").await.unwrap().as_deref(), Some(&message(2)));
+}
+
+#[tokio::test]
+async fn a_loader_error_is_returned_with_the_key_and_counted() {
+    let cache = memory_cache("failing");
+    let err = cache
+        .get_or_load("m:404", &EntryOptions::new(), || async {
+            Err::<Message, _>(std::io::Error::other("database down"))
+        })
+        .await
+        .unwrap_err();
+    assert!(err.is_loader());
+    assert_eq!(err.to_string(), "loader for key \"m:404\" failed");
+    assert_eq!(std::error::Error::source(&err).unwrap().to_string(), "database down");
+    assert_eq!(cache.stats().loader_errors, 1);
+    assert!(cache.get("m:404").await.unwrap().is_none(), "a failed load is not cached");
+}
+
+#[tokio::test]
+async fn tags_and_clear_invalidate_without_touching_other_entries() {
+    let cache = memory_cache("tags");
+    let tagged = EntryOptions::new().tags(["user:1"]);
+    cache.set("u1:a", message(1), &tagged).await.unwrap();
+    cache.set("u1:b", message(2), &tagged).await.unwrap();
+    cache.set("u2:a", message(3), &EntryOptions::new().tags(["user:2"])).await.unwrap();
+    cache.invalidate_tags(&["user:1"]).await.unwrap();
+    assert!(cache.get("u1:a").await.unwrap().is_none());
+    assert!(cache.get("u1:b").await.unwrap().is_none());
+    assert!(cache.get("u2:a").await.unwrap().is_some());
+    // Written after the invalidation: valid again.
+    cache.set("u1:a", message(4), &tagged).await.unwrap();
+    assert_eq!(cache.get("u1:a").await.unwrap().as_deref(), Some(&message(4)));
+    cache.clear().await.unwrap();
+    assert!(cache.get("u1:a").await.unwrap().is_none());
+    assert!(cache.get("u2:a").await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn bad_input_is_refused_with_what_was_wrong() {
+    let cache = memory_cache("input");
+    let err = cache.get(&"k".repeat(600)).await.unwrap_err();
+    assert!(err.is_invalid_input());
+    assert!(err.to_string().contains("600 bytes, over the limit of 512"), "{err}");
+    let err = cache.set("", message(1), &EntryOptions::new()).await.unwrap_err();
+    assert!(err.to_string().contains("empty"), "{err}");
+    let err = cache.set("k", message(1), &EntryOptions::new().tier("lukewarm")).await.unwrap_err();
+    assert!(err.to_string().contains("lukewarm"), "{err}");
+    let err = cache
+        .set("k", message(1), &EntryOptions::new().ttl(Duration::from_secs(30 * 86_400)))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("max_ttl"), "{err}");
+    let err = cache.invalidate_tags(&[&"t".repeat(200)]).await.unwrap_err();
+    assert!(err.to_string().contains("over the limit of 128"), "{err}");
+
+    let mut small = TieredConfig::named("small");
+    small.max_value_bytes = 100;
+    let cache: Tiered<Message> = Tiered::builder(small).memory_tiers(1 << 20).build().unwrap();
+    let big = Message {
+        id: 1,
+        text: "x".repeat(500),
+    };
+    let err = cache.set("big", big.clone(), &EntryOptions::new()).await.unwrap_err();
+    assert!(matches!(err, pupkit::Error::ValueTooLarge { limit: 100, .. }), "{err}");
+    // A loaded value that is too large is still returned, just not cached.
+    let loaded = cache
+        .get_or_load("big", &EntryOptions::new(), || async { Ok::<_, std::io::Error>(big.clone()) })
+        .await
+        .unwrap();
+    assert_eq!(*loaded, big);
+    assert_eq!(cache.stats().oversized_values, 1);
+    assert!(cache.get("big").await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn promotion_copies_often_read_entries_to_the_hot_tier() {
+    let mut config = TieredConfig::named("promo");
+    config.l0.enabled = false;
+    config.promotion.reads = 3;
+    let cache: Tiered<Message> = Tiered::builder(config).memory_tiers(1 << 20).build().unwrap();
+    cache.set("m", message(1), &EntryOptions::new().tier("cold")).await.unwrap();
+    for _ in 0..3 {
+        cache.get("m").await.unwrap().unwrap();
+    }
+    let stats = cache.stats();
+    assert_eq!(stats.tier("cold").unwrap().hits, 3);
+    assert_eq!(stats.tier("hot").unwrap().promotions, 1);
+    cache.get("m").await.unwrap().unwrap();
+    let stats = cache.stats();
+    assert_eq!(stats.tier("hot").unwrap().hits, 1, "the fourth read is served by the hot copy");
+    assert_eq!(stats.tier("warm").unwrap().hits, 0);
+}
+
+#[tokio::test]
+async fn works_as_a_trait_object() {
+    let cache: Arc<dyn TieredCache<Message>> = Arc::new(memory_cache("dyn"));
+    let value = cache
+        .get_or_load("k", &EntryOptions::new(), Box::new(|| Box::pin(async { Ok(message(5)) })))
+        .await
+        .unwrap();
+    assert_eq!(*value, message(5));
+    assert_eq!(cache.get("k").await.unwrap().as_deref(), Some(&message(5)));
+}
+
+#[tokio::test]
+async fn l0_only_caches_work_and_an_empty_cache_is_refused() {
+    let mut config = TieredConfig::named("l0only");
+    let cache: Tiered<Message> = Tiered::builder(config.clone()).build().unwrap();
+    cache.set("k", message(1), &EntryOptions::new().tags(["t"])).await.unwrap();
+    assert!(cache.get("k").await.unwrap().is_some());
+    cache.invalidate_tags(&["t"]).await.unwrap();
+    assert!(cache.get("k").await.unwrap().is_none());
+    config.l0.enabled = false;
+    let err = Tiered::<Message>::builder(config).build().unwrap_err();
+    assert!(err.to_string().contains("nothing would be cached"), "{err}");
+}
+
+#[cfg(feature = "redis")]
+mod redis {
+    use std::time::Instant;
+
+    use pupkit::redis::{RedisConfig, RedisConnection};
+
+    use super::support::redis::{PrivateRedis, connect, delete_prefix, raw};
+    use super::support::unique_prefix;
+    use super::*;
+
+    fn config(prefix: &str, name: &str, l0: bool) -> TieredConfig {
+        let mut config = TieredConfig::named(name);
+        config.key_prefix = prefix.to_owned();
+        config.l0.enabled = l0;
+        config
+    }
+
+    async fn cache(connection: &RedisConnection, config: TieredConfig) -> Tiered<Message> {
+        Tiered::builder(config).redis(connection.clone()).build().unwrap()
+    }
+
+    #[tokio::test]
+    async fn two_instances_see_each_others_writes_through_redis() {
+        let Some(redis) = connect().await else { return };
+        let prefix = unique_prefix("two-nodes");
+        let a = cache(&redis, config(&prefix, "msgs", true)).await;
+        let b = cache(&redis, config(&prefix, "msgs", true)).await;
+        a.set("m:1", message(1), &EntryOptions::new()).await.unwrap();
+        assert_eq!(b.get("m:1").await.unwrap().as_deref(), Some(&message(1)));
+        assert_eq!(b.stats().tier("warm").unwrap().hits, 1);
+        // B's get backfilled its L0.
+        assert_eq!(b.get("m:1").await.unwrap().as_deref(), Some(&message(1)));
+        assert_eq!(b.stats().tier("l0").unwrap().hits, 1);
+        // B invalidates; A (reading through Redis once its L0 copy is gone) sees it.
+        b.invalidate("m:1").await.unwrap();
+        a.invalidate("m:1").await.unwrap();
+        assert!(a.get("m:1").await.unwrap().is_none());
+        // A batch write from B is read by A in one get_many.
+        let entries = (0..5).map(|i| (format!("m:{i}"), message(i))).collect();
+        b.set_many(entries, &EntryOptions::new().tier("hot")).await.unwrap();
+        let keys: Vec<String> = (0..6).map(|i| format!("m:{i}")).collect();
+        let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let values = a.get_many(&refs).await.unwrap();
+        for i in 0..5 {
+            assert_eq!(values[i].as_deref(), Some(&message(i as u64)));
+        }
+        assert!(values[5].is_none());
+        delete_prefix(&prefix).await;
+    }
+
+    #[tokio::test]
+    async fn entries_live_in_their_home_tier_only_with_its_ttl() {
+        let Some(redis) = connect().await else { return };
+        let prefix = unique_prefix("home");
+        let a = cache(&redis, config(&prefix, "msgs", false)).await;
+        a.set("k", message(1), &EntryOptions::new().tier("cold")).await.unwrap();
+        let mut raw = raw().await;
+        let base = format!("{prefix}:msgs:{{k}}");
+        let exists: (bool, bool, bool) = ::redis::pipe()
+            .exists(format!("{base}:hot"))
+            .exists(format!("{base}:warm"))
+            .exists(format!("{base}:cold"))
+            .query_async(&mut raw)
+            .await
+            .unwrap();
+        assert_eq!(exists, (false, false, true));
+        let pttl: i64 = ::redis::cmd("PTTL").arg(format!("{base}:cold")).query_async(&mut raw).await.unwrap();
+        assert!(pttl > 23 * 3_600_000 && pttl <= 24 * 3_600_000, "{pttl}");
+        // Moving home removes the old copy.
+        a.set("k", message(2), &EntryOptions::new().tier("hot")).await.unwrap();
+        let cold: bool = ::redis::cmd("EXISTS").arg(format!("{base}:cold")).query_async(&mut raw).await.unwrap();
+        assert!(!cold);
+        assert_eq!(a.get("k").await.unwrap().as_deref(), Some(&message(2)));
+        delete_prefix(&prefix).await;
+    }
+
+    #[tokio::test]
+    async fn tag_invalidation_and_clear_reach_other_instances_through_redis() {
+        let Some(redis) = connect().await else { return };
+        let prefix = unique_prefix("tags");
+        let a = cache(&redis, config(&prefix, "msgs", false)).await;
+        let b = cache(&redis, config(&prefix, "msgs", true)).await;
+        let tagged = EntryOptions::new().tags(["user:1", "conv:7"]);
+        a.set("x", message(1), &tagged).await.unwrap();
+        a.set("y", message(2), &EntryOptions::new().tags(["user:2"])).await.unwrap();
+        b.invalidate_tags(&["conv:7"]).await.unwrap();
+        assert!(a.get("x").await.unwrap().is_none());
+        assert!(a.get("y").await.unwrap().is_some());
+        assert_eq!(a.stats().stale_by_tag, 1);
+        // No key was deleted: invalidation wrote one timestamp.
+        let mut raw = raw().await;
+        let still_there: bool = ::redis::cmd("EXISTS")
+            .arg(format!("{prefix}:msgs:{{x}}:warm"))
+            .query_async(&mut raw)
+            .await
+            .unwrap();
+        assert!(still_there);
+        b.clear().await.unwrap();
+        assert!(a.get("y").await.unwrap().is_none());
+        // Another named cache on the same prefix is untouched by this one's clear.
+        let other = cache(&redis, config(&prefix, "other", false)).await;
+        other.set("y", message(3), &EntryOptions::new()).await.unwrap();
+        b.clear().await.unwrap();
+        assert!(other.get("y").await.unwrap().is_some());
+        delete_prefix(&prefix).await;
+    }
+
+    #[tokio::test]
+    async fn promotion_and_demotion_across_redis_tiers() {
+        let Some(redis) = connect().await else { return };
+        let prefix = unique_prefix("promo");
+        let a = cache(&redis, config(&prefix, "msgs", false)).await;
+        a.set("k", message(1), &EntryOptions::new().tier("cold")).await.unwrap();
+        for _ in 0..3 {
+            a.get("k").await.unwrap().unwrap();
+        }
+        assert_eq!(a.stats().tier("hot").unwrap().promotions, 1);
+        let mut raw = raw().await;
+        let hot = format!("{prefix}:msgs:{{k}}:hot");
+        let pttl: i64 = ::redis::cmd("PTTL").arg(&hot).query_async(&mut raw).await.unwrap();
+        assert!(pttl > 0 && pttl <= 300_000, "a hot copy lives at most the hot TTL: {pttl}");
+        a.get("k").await.unwrap().unwrap();
+        assert_eq!(a.stats().tier("hot").unwrap().hits, 1);
+        // The hot copy expires (deleted here, as expiry would): the entry stays home.
+        let _: () = ::redis::cmd("DEL").arg(&hot).query_async(&mut raw).await.unwrap();
+        assert_eq!(a.get("k").await.unwrap().as_deref(), Some(&message(1)));
+        let stats = a.stats();
+        assert_eq!(stats.tier("hot").unwrap().demotions, 1);
+        assert_eq!(stats.tier("cold").unwrap().hits, 4);
+        delete_prefix(&prefix).await;
+    }
+
+    #[tokio::test]
+    async fn l0_never_outlives_the_remaining_ttl_of_its_tier() {
+        let Some(redis) = connect().await else { return };
+        let prefix = unique_prefix("l0ttl");
+        let writer = cache(&redis, config(&prefix, "msgs", false)).await;
+        let reader = cache(&redis, config(&prefix, "msgs", true)).await;
+        writer
+            .set("short", message(1), &EntryOptions::new().ttl(Duration::from_millis(300)))
+            .await
+            .unwrap();
+        assert!(reader.get("short").await.unwrap().is_some());
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert!(reader.get("short").await.unwrap().is_none(), "L0 kept the value past its Redis TTL");
+        delete_prefix(&prefix).await;
+    }
+
+    #[tokio::test]
+    async fn bytes_that_are_not_an_envelope_are_a_deleted_miss() {
+        let Some(redis) = connect().await else { return };
+        let prefix = unique_prefix("corrupt");
+        let cache = cache(&redis, config(&prefix, "msgs", false)).await;
+        let big = Message {
+            id: 9,
+            text: "compressible ".repeat(400),
+        };
+        cache.set("good", big.clone(), &EntryOptions::new()).await.unwrap();
+        let mut raw = raw().await;
+        let good: Vec<u8> = ::redis::cmd("GET")
+            .arg(format!("{prefix}:msgs:{{good}}:warm"))
+            .query_async(&mut raw)
+            .await
+            .unwrap();
+        assert_eq!(good[2] & 1, 1, "the large value is stored lz4-compressed");
+        let mut future_version = good.clone();
+        future_version[1] = 2;
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("garbage", b"\x00\x01 definitely not an envelope".to_vec()),
+            ("truncated", good[..good.len() - 40].to_vec()),
+            ("future", future_version),
+            ("empty", Vec::new()),
+        ];
+        for (key, bytes) in &cases {
+            let redis_key = format!("{prefix}:msgs:{{{key}}}:warm");
+            let _: () = ::redis::cmd("SET").arg(&redis_key).arg(bytes).arg("PX").arg(60_000).query_async(&mut raw).await.unwrap();
+            let loaded = cache
+                .get_or_load(key, &EntryOptions::new(), || async { Ok::<_, std::io::Error>(message(1)) })
+                .await
+                .unwrap();
+            assert_eq!(*loaded, message(1), "{key}: the loader answered");
+        }
+        assert_eq!(cache.stats().corrupt_entries, cases.len() as u64);
+        // Each corrupt copy was deleted, and the loader's value written in its place.
+        for (key, _) in &cases {
+            assert_eq!(cache.get(key).await.unwrap().as_deref(), Some(&message(1)), "{key}");
+        }
+        assert_eq!(cache.get("good").await.unwrap().as_deref(), Some(&big));
+        delete_prefix(&prefix).await;
+    }
+
+    #[tokio::test]
+    async fn keys_with_braces_stay_inside_their_own_entry() {
+        let Some(redis) = connect().await else { return };
+        let prefix = unique_prefix("braces");
+        let cache = cache(&redis, config(&prefix, "msgs", false)).await;
+        let keys = ["}", "{", "a}:hot", "%7D", "x{y}z"];
+        for (i, key) in keys.iter().enumerate() {
+            cache.set(key, message(i as u64), &EntryOptions::new()).await.unwrap();
+        }
+        for (i, key) in keys.iter().enumerate() {
+            assert_eq!(cache.get(key).await.unwrap().as_deref(), Some(&message(i as u64)), "{key}");
+        }
+        let mut raw = raw().await;
+        let stored: Vec<String> = ::redis::cmd("KEYS").arg(format!("{prefix}:*")).query_async(&mut raw).await.unwrap();
+        // One copy in the home tier, plus the read counter of a lower-tier entry, per key.
+        assert_eq!(stored.len(), 2 * keys.len(), "{stored:?}");
+        assert!(
+            stored
+                .iter()
+                .all(|k| k.starts_with(&format!("{prefix}:msgs:{{")) && (k.ends_with("}:warm") || k.ends_with("}:#"))),
+            "{stored:?}"
+        );
+        delete_prefix(&prefix).await;
+    }
+
+    #[tokio::test]
+    async fn a_closed_port_degrades_to_l0_and_the_loader_within_the_timeout() {
+        let mut redis_config = RedisConfig::new(format!("redis://127.0.0.1:{}", super::support::free_port()));
+        redis_config.op_timeout = Duration::from_millis(100);
+        let connection = RedisConnection::lazy(&redis_config).unwrap();
+        let cache = cache(&connection, config("pkt-closed", "msgs", true)).await;
+        let started = Instant::now();
+        let value = cache
+            .get_or_load("k", &EntryOptions::new(), || async { Ok::<_, std::io::Error>(message(1)) })
+            .await
+            .unwrap();
+        assert_eq!(*value, message(1));
+        // From L0 now, without touching Redis.
+        assert_eq!(cache.get("k").await.unwrap().as_deref(), Some(&message(1)));
+        assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+        let stats = cache.stats();
+        assert!(stats.backend_errors >= 2, "probe and write failures are counted: {stats:?}");
+        assert!(stats.backend_failing);
+        // Writes report the failure to the caller.
+        let err = cache.set("k2", message(2), &EntryOptions::new()).await.unwrap_err();
+        assert!(err.is_backend(), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_killed_redis_degrades_then_is_used_again_after_restart() {
+        let Some(mut server) = PrivateRedis::start() else { return };
+        let mut redis_config = RedisConfig::new(server.url());
+        redis_config.op_timeout = Duration::from_millis(200);
+        let connection = RedisConnection::lazy(&redis_config).unwrap();
+        let prefix = unique_prefix("killed");
+        let with_l0 = cache(&connection, config(&prefix, "msgs", true)).await;
+        let without_l0 = cache(&connection, config(&prefix, "msgs", false)).await;
+        with_l0.set("k", message(1), &EntryOptions::new()).await.unwrap();
+        assert!(without_l0.get("k").await.unwrap().is_some());
+
+        server.kill();
+        let started = Instant::now();
+        // L0 still answers; the L0-less instance falls back to its loader.
+        assert_eq!(with_l0.get("k").await.unwrap().as_deref(), Some(&message(1)));
+        let loaded = without_l0
+            .get_or_load("k", &EntryOptions::new(), || async { Ok::<_, std::io::Error>(message(2)) })
+            .await
+            .unwrap();
+        assert_eq!(*loaded, message(2));
+        assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+        assert!(without_l0.stats().backend_errors >= 1);
+
+        server.restart();
+        // The same instances use Redis again once it answers, without being rebuilt.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if with_l0.set("k3", message(3), &EntryOptions::new()).await.is_ok() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the cache never reconnected");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(without_l0.get("k3").await.unwrap().as_deref(), Some(&message(3)));
+        assert!(!without_l0.stats().backend_failing);
+    }
+}

@@ -1,0 +1,166 @@
+//! Shared by the integration tests: service URLs, skip-or-fail, unique key prefixes, and a
+//! private redis-server the fault tests can kill.
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+/// `PUPKIT_REDIS_URL`, or the local default.
+pub fn redis_url() -> String {
+    std::env::var("PUPKIT_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+}
+
+/// True when `PUPKIT_REQUIRE_SERVICES=1`: a missing service fails the test instead of
+/// skipping it.
+pub fn services_required() -> bool {
+    std::env::var("PUPKIT_REQUIRE_SERVICES").is_ok_and(|v| v == "1")
+}
+
+/// Skips (loudly) or fails, as `PUPKIT_REQUIRE_SERVICES` says.
+pub fn unavailable(service: &str, why: &str) {
+    if services_required() {
+        panic!("{service} is required (PUPKIT_REQUIRE_SERVICES=1) but unavailable: {why}");
+    }
+    eprintln!("\n*** SKIPPED: {service} unavailable ({why}); set PUPKIT_REQUIRE_SERVICES=1 to fail instead ***\n");
+}
+
+/// A key prefix no other test (or run) uses.
+pub fn unique_prefix(test: &str) -> String {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let test: String = test.chars().filter(|c| c.is_ascii_alphanumeric()).take(20).collect();
+    format!(
+        "pkt-{test}-{}-{nanos}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A port nothing listens on right now.
+pub fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    listener.local_addr().expect("local addr").port()
+}
+
+#[cfg(feature = "redis")]
+pub mod redis {
+    use super::*;
+    use pupkit::redis::{RedisConfig, RedisConnection};
+
+    /// A connection to the test Redis, or `None` (after a loud skip) when it is unreachable.
+    pub async fn connect() -> Option<RedisConnection> {
+        let mut config = RedisConfig::new(redis_url());
+        config.op_timeout = Duration::from_secs(2);
+        match RedisConnection::connect(&config).await {
+            Ok(connection) => Some(connection),
+            Err(error) => {
+                unavailable("Redis", &format!("{} at {}", error, redis_url()));
+                None
+            }
+        }
+    }
+
+    /// A plain redis-rs connection for arranging and inspecting test data.
+    pub async fn raw() -> ::redis::aio::MultiplexedConnection {
+        ::redis::Client::open(redis_url())
+            .expect("redis url")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("raw redis connection")
+    }
+
+    /// Deletes every key under `prefix` (this test's own keys only; never a flush).
+    pub async fn delete_prefix(prefix: &str) {
+        let mut conn = raw().await;
+        let pattern = format!("{prefix}:*");
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, keys): (u64, Vec<String>) = ::redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await
+                .expect("scan");
+            if !keys.is_empty() {
+                let _: () = ::redis::cmd("DEL").arg(keys).query_async(&mut conn).await.expect("del");
+            }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+    }
+
+    /// A redis-server of the test's own, on its own port, that the test can kill and restart.
+    pub struct PrivateRedis {
+        pub port: u16,
+        child: Option<Child>,
+    }
+
+    impl PrivateRedis {
+        /// Starts one, or returns `None` (after a loud skip) when redis-server is not installed.
+        pub fn start() -> Option<Self> {
+            let mut server = PrivateRedis {
+                port: free_port(),
+                child: None,
+            };
+            match server.spawn() {
+                Ok(()) => Some(server),
+                Err(why) => {
+                    unavailable("redis-server binary", &why);
+                    None
+                }
+            }
+        }
+
+        pub fn url(&self) -> String {
+            format!("redis://127.0.0.1:{}", self.port)
+        }
+
+        fn spawn(&mut self) -> Result<(), String> {
+            let child = Command::new("redis-server")
+                .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .map_err(|e| format!("cannot run redis-server: {e}"))?;
+            self.child = Some(child);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                    return Ok(());
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(format!("redis-server did not listen on port {} within 10 s", self.port))
+        }
+
+        /// Kills the server (SIGKILL) and waits for it to exit.
+        pub fn kill(&mut self) {
+            if let Some(mut child) = self.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+
+        /// Starts it again on the same port.
+        pub fn restart(&mut self) {
+            self.kill();
+            self.spawn().expect("restart redis-server");
+        }
+    }
+
+    impl Drop for PrivateRedis {
+        fn drop(&mut self) {
+            self.kill();
+        }
+    }
+}
