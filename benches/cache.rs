@@ -1,1 +1,337 @@
-fn main(){}
+//! The tiered cache against its raw baselines, in one run: raw moka, raw Redis GET and MGET on
+//! one multiplexed connection. Prints each ratio after the criterion groups.
+//!
+//! `cargo bench --bench cache --features redis` (Redis at `PUPKIT_REDIS_URL`, default local).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, criterion_group};
+use pupkit::cache::{EntryOptions, Tiered, TieredConfig};
+use pupkit::redis::{RedisConfig, RedisConnection};
+use serde::{Deserialize, Serialize};
+use tokio::runtime::Runtime;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+enum Role {
+    User,
+    Assistant,
+}
+
+/// A chat message of about 1 KiB as JSON: the benchmark's value.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Message {
+    id: u64,
+    conversation_id: String,
+    user_id: String,
+    role: Role,
+    content: String,
+    created_at: i64,
+    tokens: u32,
+    model: Option<String>,
+    tags: Vec<String>,
+}
+
+fn message(id: u64) -> Message {
+    Message {
+        id,
+        conversation_id: "conv-7f3a9c2e-1b4d-4e8f-9a6b-2c5d8e1f0a3b".into(),
+        user_id: format!("user-{}", id % 1000),
+        role: if id % 2 == 0 { Role::User } else { Role::Assistant },
+        content: "The quick brown fox jumps over the lazy dog, again and again. ".repeat(13),
+        created_at: 1_764_000_000_000 + id as i64,
+        tokens: 231,
+        model: Some("gpt-4o-mini".into()),
+        tags: vec!["support".into(), "billing".into()],
+    }
+}
+
+fn redis_url() -> String {
+    std::env::var("PUPKIT_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+}
+
+fn prefix() -> String {
+    format!("pkbench-{}", std::process::id())
+}
+
+fn config(l0: bool) -> TieredConfig {
+    let mut config = TieredConfig::named("bench");
+    config.key_prefix = prefix();
+    config.l0.enabled = l0;
+    config
+}
+
+fn connection(rt: &Runtime) -> RedisConnection {
+    rt.block_on(async {
+        let mut config = RedisConfig::new(redis_url());
+        config.op_timeout = Duration::from_secs(5);
+        RedisConnection::connect(&config).await.expect("Redis for the benchmark")
+    })
+}
+
+fn raw_connection(rt: &Runtime) -> redis::aio::MultiplexedConnection {
+    rt.block_on(async {
+        redis::Client::open(redis_url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
+    })
+}
+
+/// The stored envelope of `key` in the hot tier, for the raw baselines to read the same bytes.
+fn envelope_key(key: &str) -> String {
+    format!("{}:bench:{{{key}}}:hot", prefix())
+}
+
+fn l0_hit(c: &mut Criterion) {
+    let rt = Runtime::new().unwrap();
+    let raw: moka::future::Cache<String, Arc<Message>> = moka::future::Cache::builder().max_capacity(10_000).build();
+    let cache: Tiered<Message> = Tiered::builder(config(true)).build().unwrap();
+    rt.block_on(async {
+        raw.insert("m:1".to_owned(), Arc::new(message(1))).await;
+        cache.set("m:1", message(1), &EntryOptions::new()).await.unwrap();
+    });
+    let mut group = c.benchmark_group("l0_hit");
+    group.bench_function("raw_moka", |b| {
+        b.to_async(&rt).iter(|| async { raw.get("m:1").await.unwrap() })
+    });
+    group.bench_function("pupkit", |b| {
+        b.to_async(&rt).iter(|| async { cache.get("m:1").await.unwrap().unwrap() })
+    });
+    group.finish();
+}
+
+fn redis_hit(c: &mut Criterion) {
+    let rt = Runtime::new().unwrap();
+    let cache: Tiered<Message> = Tiered::builder(config(false)).redis(connection(&rt)).build().unwrap();
+    let mut raw = raw_connection(&rt);
+    rt.block_on(cache.set("m:1", message(1), &EntryOptions::new().tier("hot"))).unwrap();
+    let key = envelope_key("m:1");
+    let mut group = c.benchmark_group("redis_hit");
+    group.bench_function("raw_get", |b| {
+        b.to_async(&rt).iter(|| {
+            let mut raw = raw.clone();
+            let key = key.clone();
+            async move {
+                let bytes: Vec<u8> = redis::cmd("GET").arg(&key).query_async(&mut raw).await.unwrap();
+                bytes
+            }
+        })
+    });
+    group.bench_function("pupkit", |b| {
+        b.to_async(&rt).iter(|| async { cache.get("m:1").await.unwrap().unwrap() })
+    });
+    group.finish();
+    let _: () = rt.block_on(redis::cmd("PING").query_async(&mut raw)).unwrap();
+}
+
+fn get_many_100(c: &mut Criterion) {
+    let rt = Runtime::new().unwrap();
+    let cache: Tiered<Message> = Tiered::builder(config(false)).redis(connection(&rt)).build().unwrap();
+    let raw = raw_connection(&rt);
+    let keys: Vec<String> = (0..100).map(|i| format!("many:{i}")).collect();
+    let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+    let entries = (0..100).map(|i| (format!("many:{i}"), message(i))).collect();
+    rt.block_on(cache.set_many(entries, &EntryOptions::new().tier("hot"))).unwrap();
+    let raw_keys: Vec<String> = keys.iter().map(|k| envelope_key(k)).collect();
+    let mut group = c.benchmark_group("get_many_100");
+    group.bench_function("raw_mget", |b| {
+        b.to_async(&rt).iter(|| {
+            let mut raw = raw.clone();
+            let raw_keys = &raw_keys;
+            async move {
+                let values: Vec<Vec<u8>> = redis::cmd("MGET").arg(raw_keys).query_async(&mut raw).await.unwrap();
+                assert_eq!(values.len(), 100);
+                values
+            }
+        })
+    });
+    group.bench_function("pupkit", |b| {
+        b.to_async(&rt).iter(|| async {
+            let values = cache.get_many(&refs).await.unwrap();
+            assert!(values.iter().all(Option::is_some));
+            values
+        })
+    });
+    group.finish();
+}
+
+/// 64 tasks, each reading 16 times: the time of one such round is the inverse of throughput.
+fn concurrent_64(c: &mut Criterion) {
+    const TASKS: usize = 64;
+    const READS: usize = 16;
+    let rt = Runtime::new().unwrap();
+    let cache: Tiered<Message> = Tiered::builder(config(false)).redis(connection(&rt)).build().unwrap();
+    let raw = raw_connection(&rt);
+    rt.block_on(cache.set("m:1", message(1), &EntryOptions::new().tier("hot"))).unwrap();
+    let key = envelope_key("m:1");
+    let mut group = c.benchmark_group("concurrent_64");
+    group.throughput(criterion::Throughput::Elements((TASKS * READS) as u64));
+    group.bench_function("raw_get", |b| {
+        b.to_async(&rt).iter(|| {
+            let raw = raw.clone();
+            let key = key.clone();
+            async move {
+                let tasks: Vec<_> = (0..TASKS)
+                    .map(|_| {
+                        let mut raw = raw.clone();
+                        let key = key.clone();
+                        tokio::spawn(async move {
+                            for _ in 0..READS {
+                                let _: Vec<u8> = redis::cmd("GET").arg(&key).query_async(&mut raw).await.unwrap();
+                            }
+                        })
+                    })
+                    .collect();
+                for task in tasks {
+                    task.await.unwrap();
+                }
+            }
+        })
+    });
+    group.bench_function("pupkit", |b| {
+        b.to_async(&rt).iter(|| {
+            let cache = cache.clone();
+            async move {
+                let tasks: Vec<_> = (0..TASKS)
+                    .map(|_| {
+                        let cache = cache.clone();
+                        tokio::spawn(async move {
+                            for _ in 0..READS {
+                                cache.get("m:1").await.unwrap().unwrap();
+                            }
+                        })
+                    })
+                    .collect();
+                for task in tasks {
+                    task.await.unwrap();
+                }
+            }
+        })
+    });
+    group.finish();
+}
+
+/// Payload formats on the benchmark's value: what the default format was chosen on.
+fn formats(c: &mut Criterion) {
+    let value = message(1);
+    let json = serde_json::to_vec(&value).unwrap();
+    let msgpack = rmp_serde::to_vec_named(&value).unwrap();
+    let postcard = postcard::to_allocvec(&value).unwrap();
+    println!(
+        "format sizes for one message: json {} B, msgpack (named) {} B, postcard {} B",
+        json.len(),
+        msgpack.len(),
+        postcard.len()
+    );
+    let mut group = c.benchmark_group("format_decode");
+    group.bench_function("json", |b| b.iter(|| serde_json::from_slice::<Message>(&json).unwrap()));
+    group.bench_function("msgpack", |b| b.iter(|| rmp_serde::from_slice::<Message>(&msgpack).unwrap()));
+    group.bench_function("postcard", |b| b.iter(|| postcard::from_bytes::<Message>(&postcard).unwrap()));
+    group.finish();
+    let mut group = c.benchmark_group("format_encode");
+    group.bench_function("json", |b| b.iter(|| serde_json::to_vec(&value).unwrap()));
+    group.bench_function("msgpack", |b| b.iter(|| rmp_serde::to_vec_named(&value).unwrap()));
+    group.bench_function("postcard", |b| b.iter(|| postcard::to_allocvec(&value).unwrap()));
+    group.finish();
+}
+
+/// Redis memory for one ~1 KiB JSON entry, compressed and not (MEMORY USAGE of the key).
+fn redis_memory(rt: &Runtime) {
+    let connection = connection(rt);
+    let mut raw = raw_connection(rt);
+    // A JSON document of exactly 1 KiB, cached as a string.
+    let text = "The quick brown fox jumps over the lazy dog, again and again. ".repeat(20);
+    let mut document = String::new();
+    for len in (0..text.len()).rev() {
+        document = serde_json::json!({"id": 1, "role": "assistant", "content": &text[..len]}).to_string();
+        if document.len() <= 1024 {
+            break;
+        }
+    }
+    for (label, threshold) in [("lz4 (default, >= 1 KiB)", 1024), ("uncompressed", usize::MAX)] {
+        let mut config = config(false);
+        config.name = format!("mem{}", threshold % 7);
+        config.compress_threshold = threshold;
+        let cache: Tiered<String> = Tiered::builder(config.clone()).redis(connection.clone()).build().unwrap();
+        rt.block_on(cache.set("doc", document.clone(), &EntryOptions::new().tier("hot"))).unwrap();
+        let key = format!("{}:{}:{{doc}}:hot", prefix(), config.name);
+        let usage: i64 = rt
+            .block_on(redis::cmd("MEMORY").arg("USAGE").arg(&key).query_async(&mut raw))
+            .unwrap();
+        let stats = cache.stats();
+        let hot = stats.tier("hot").unwrap();
+        println!(
+            "redis memory per {} B JSON entry, {label}: {usage} B (payload {} B -> {} B)",
+            document.len(),
+            hot.bytes_raw,
+            hot.bytes_stored
+        );
+    }
+}
+
+fn cleanup(rt: &Runtime) {
+    let mut raw = raw_connection(rt);
+    let keys: Vec<String> = rt
+        .block_on(redis::cmd("KEYS").arg(format!("{}:*", prefix())).query_async(&mut raw))
+        .unwrap();
+    if !keys.is_empty() {
+        let _: () = rt.block_on(redis::cmd("DEL").arg(keys).query_async(&mut raw)).unwrap();
+    }
+}
+
+/// Reads criterion's point estimate (mean, ns) of `group/function` from this run.
+fn mean_ns(group: &str, function: &str) -> Option<f64> {
+    let path = format!("target/criterion/{group}/{function}/new/estimates.json");
+    let text = std::fs::read_to_string(path).ok()?;
+    let json: serde_json::Value = serde_json::from_str(&text).ok()?;
+    json["mean"]["point_estimate"].as_f64()
+}
+
+fn print_ratios(started: Instant) {
+    println!("\n== pupkit cache vs raw baselines (this run) ==");
+    let rows = [
+        ("l0_hit", "raw_moka", "L0 hit vs raw moka get", "<= 2.0x"),
+        ("redis_hit", "raw_get", "Redis-tier hit vs raw GET", "<= 1.25x"),
+        ("get_many_100", "raw_mget", "get_many(100) vs raw MGET", "<= 1.25x"),
+        ("concurrent_64", "raw_get", "64 tasks, Redis-tier hits vs raw GETs (time)", "<= 1.11x (throughput >= 0.9x)"),
+    ];
+    for (group, baseline, label, target) in rows {
+        // Only groups that ran after this process started count.
+        let fresh = std::fs::metadata(format!("target/criterion/{group}/pupkit/new/estimates.json"))
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t.elapsed().map_or(false, |e| e <= started.elapsed()));
+        match (fresh, mean_ns(group, "pupkit"), mean_ns(group, baseline)) {
+            (true, Some(ours), Some(raw)) => println!(
+                "{label}: pupkit {:.0} ns, raw {:.0} ns, ratio {:.2}x (target {target})",
+                ours,
+                raw,
+                ours / raw
+            ),
+            _ => println!("{label}: not run"),
+        }
+    }
+    if let Some(ns) = mean_ns("l0_hit", "pupkit") {
+        println!("L0 hit latency: {ns:.0} ns");
+    }
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3))
+        .sample_size(30);
+    targets = l0_hit, redis_hit, get_many_100, concurrent_64, formats
+}
+
+fn main() {
+    let started = Instant::now();
+    let rt = Runtime::new().unwrap();
+    benches();
+    redis_memory(&rt);
+    cleanup(&rt);
+    Criterion::default().configure_from_args().final_summary();
+    print_ratios(started);
+}

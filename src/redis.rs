@@ -171,6 +171,29 @@ impl RedisConnection {
             .await
     }
 
+    /// Runs a pipeline that calls `scripts` by EVALSHA within the deadline, loading them and
+    /// running it again if Redis has forgotten them (after a restart or SCRIPT FLUSH).
+    pub(crate) async fn pipeline_with_scripts<T: FromRedisValue>(
+        &self,
+        operation: &'static str,
+        pipeline: &::redis::Pipeline,
+        scripts: &[&Script],
+    ) -> Result<T> {
+        let mut manager = self.manager.clone();
+        self.deadline(operation, async move {
+            match pipeline.query_async(&mut manager).await {
+                Err(error) if error.kind() == ::redis::ErrorKind::Server(::redis::ServerErrorKind::NoScript) => {
+                    for script in scripts {
+                        script.load_async(&mut manager).await?;
+                    }
+                    pipeline.query_async(&mut manager).await
+                }
+                other => other,
+            }
+        })
+        .await
+    }
+
     async fn deadline<T>(
         &self,
         operation: &'static str,

@@ -1,7 +1,8 @@
 //! [`RedisTiers`]: the shared tiers in Redis. Each operation is one round trip: a Lua script
 //! or a pipeline. Key layout: see `keys::KeyLayout`.
 
-use std::sync::LazyLock;
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock};
 
 use ::redis::{Script, Value};
 use async_trait::async_trait;
@@ -9,29 +10,78 @@ use async_trait::async_trait;
 use super::config::TieredConfig;
 use super::keys::KeyLayout;
 use super::store::{Found, Probe, TierStore, Write};
+use crate::codec;
 use crate::error::{Error, Result};
 use crate::redis::{RedisConnection, script};
 
-/// Most keys one probe script handles; larger batches take one script call per chunk, so a
-/// huge `get_many` cannot block Redis for long.
+/// Most keys one probe handles; larger batches take one probe per chunk, so a huge
+/// `get_many` cannot block Redis for long.
 const PROBE_CHUNK: usize = 1000;
 
-/// Reads every tier of each entry (one MGET per tier across the entries still missing), then
-/// one MGET for the clear stamp and every distinct tag of the found entries. Counts reads from
-/// lower tiers in a small hash per entry and promotes to the hottest tier. Returns
-/// `{now, clear, e1, e2, ...}` where `e` is 0 for a miss or
-/// `{tier (0-based), envelope, promoted, demoted, stamp...}`. All times are Redis's clock in
-/// µs (written with `%.0f`: Lua's default number format would round them).
-const PROBE_LUA: &str = r#"
+/// How many keys' tags and last tier this instance remembers, to probe them without a script.
+const SEEN_CAPACITY: u64 = 100_000;
+
+/// Redis's clock in µs (`TIME` inside a script).
+macro_rules! now_lua {
+    () => {
+        r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+"#
+    };
+}
+
+/// Counts a read of an entry from a lower tier in a small hash beside it (`:#`: reads in the
+/// window, window start, promoted flag) and copies the entry to the hottest tier once it has
+/// been read `promote_reads` times in the window. Returns `{promoted, demoted}`, where demoted
+/// means the entry had been promoted and its hot copy has expired since. Timestamps are
+/// written with `%.0f`: Lua's default number format would round µs values.
+macro_rules! count_read_lua {
+    () => {
+        r#"
+local function count_read(base, tier_key, hot_key, now, promote_reads, window_ms, hot_ttl)
+  -- A pipelined count may find that the read was served by a hot copy after all.
+  if redis.call('EXISTS', hot_key) == 1 then return {0, 0} end
+  local pttl = redis.call('PTTL', tier_key)
+  if pttl <= 0 then return {0, 0} end
+  local meta = base .. ':#'
+  local m = redis.call('HMGET', meta, 'n', 's', 'p')
+  local reads, start = tonumber(m[1]) or 0, tonumber(m[2]) or now
+  local demoted = 0
+  if m[3] then demoted = 1 end
+  if now - start >= window_ms * 1000 then reads, start = 0, now end
+  reads = reads + 1
+  if reads >= promote_reads then
+    redis.call('SET', hot_key, redis.call('GET', tier_key), 'PX', math.min(hot_ttl, pttl))
+    redis.call('HSET', meta, 'n', 0, 's', string.format('%.0f', now), 'p', 1)
+    redis.call('PEXPIRE', meta, pttl)
+    return {1, demoted}
+  end
+  redis.call('HSET', meta, 'n', reads, 's', string.format('%.0f', start))
+  if m[3] then redis.call('HDEL', meta, 'p') end
+  redis.call('PEXPIRE', meta, window_ms)
+  return {0, demoted}
+end
+"#
+    };
+}
+
+/// The probe for keys whose tags this instance does not know yet. Reads every tier of each
+/// entry (one MGET per tier across the entries still missing), then one MGET for the clear
+/// stamp and every distinct tag of the found entries, and counts reads from lower tiers.
+/// ARGV: tier count, tier names, tag key prefix, clear key, promote reads, window ms, hot TTL
+/// ms. Returns `{now, clear, e1, e2, ...}` where `e` is 0 for a miss or
+/// `{tier (0-based), envelope, promoted, demoted, stamp...}`, stamps in the envelope's tag order.
+const PROBE_LUA: &str = concat!(
+    now_lua!(),
+    count_read_lua!(),
+    r#"
 local ntiers = tonumber(ARGV[1])
 local tag_prefix = ARGV[ntiers + 2]
 local clear_key = ARGV[ntiers + 3]
 local promote_reads = tonumber(ARGV[ntiers + 4])
 local window_ms = tonumber(ARGV[ntiers + 5])
-local window = window_ms * 1000
 local hot_ttl = tonumber(ARGV[ntiers + 6])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 
 local function mget(names)
   local out = {}
@@ -96,37 +146,36 @@ for i = 1, n do
       for k = 1, #slots do e[4 + k] = tonumber(stamps[slots[k]]) or 0 end
     end
     if j > 1 and promote_reads > 0 then
-      local meta = KEYS[i] .. ':#'
-      local m = redis.call('HMGET', meta, 'n', 's', 'p')
-      local reads, start = tonumber(m[1]) or 0, tonumber(m[2]) or now
-      if m[3] then e[4] = 1 end
-      if now - start >= window then reads, start = 0, now end
-      reads = reads + 1
-      local pttl = redis.call('PTTL', KEYS[i] .. ':' .. ARGV[j + 1])
-      if reads >= promote_reads and pttl > 0 then
-        redis.call('SET', KEYS[i] .. ':' .. ARGV[2], hit_value[i], 'PX', math.min(hot_ttl, pttl))
-        redis.call('HSET', meta, 'n', 0, 's', string.format('%.0f', now), 'p', 1)
-        redis.call('PEXPIRE', meta, pttl)
-        e[3] = 1
-      else
-        redis.call('HSET', meta, 'n', reads, 's', string.format('%.0f', start))
-        if m[3] then redis.call('HDEL', meta, 'p') end
-        redis.call('PEXPIRE', meta, window_ms)
-      end
+      local r = count_read(KEYS[i], KEYS[i] .. ':' .. ARGV[j + 1], KEYS[i] .. ':' .. ARGV[2], now,
+        promote_reads, window_ms, hot_ttl)
+      e[3], e[4] = r[1], r[2]
     end
     out[i + 2] = e
   end
 end
 return out
-"#;
+"#
+);
+
+/// Counts one read of KEYS[1] from tier ARGV[1] and promotes it to tier ARGV[2]. ARGV[3..5]:
+/// promote reads, window ms, hot TTL ms. Pipelined after the MGET of a known key that was
+/// last read from a lower tier.
+const COUNT_LUA: &str = concat!(
+    now_lua!(),
+    count_read_lua!(),
+    r#"
+return count_read(KEYS[1], KEYS[1] .. ':' .. ARGV[1], KEYS[1] .. ':' .. ARGV[2], now,
+  tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]))
+"#
+);
 
 /// Writes each entry to its home tier with created-at and expiry stamped from Redis's clock,
 /// and deletes its other tiers' copies and its read counter. ARGV: tier count, tier names,
 /// then (home tier 0-based, ttl ms, envelope) per key. Returns Redis's clock.
-const WRITE_LUA: &str = r#"
+const WRITE_LUA: &str = concat!(
+    now_lua!(),
+    r#"
 local ntiers = tonumber(ARGV[1])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local function be64(x)
   local b = {}
   for i = 8, 1, -1 do
@@ -151,7 +200,8 @@ for i = 1, #KEYS do
   redis.call('DEL', KEYS[i] .. ':#')
 end
 return now
-"#;
+"#
+);
 
 /// Deletes KEYS[1] only if it still holds ARGV[1].
 const REMOVE_IF_UNCHANGED_LUA: &str = r#"
@@ -162,22 +212,40 @@ return 0
 "#;
 
 /// Sets each key to Redis's clock for ARGV[1] ms. Returns the clock.
-const STAMP_LUA: &str = r#"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+const STAMP_LUA: &str = concat!(
+    now_lua!(),
+    r#"
 for i = 1, #KEYS do
   redis.call('SET', KEYS[i], string.format('%.0f', now), 'PX', ARGV[1])
 end
 return now
-"#;
+"#
+);
 
 static PROBE: LazyLock<Script> = LazyLock::new(|| script(PROBE_LUA));
+static COUNT: LazyLock<Script> = LazyLock::new(|| script(COUNT_LUA));
 static WRITE: LazyLock<Script> = LazyLock::new(|| script(WRITE_LUA));
 static REMOVE_IF_UNCHANGED: LazyLock<Script> = LazyLock::new(|| script(REMOVE_IF_UNCHANGED_LUA));
 static STAMP: LazyLock<Script> = LazyLock::new(|| script(STAMP_LUA));
 
+/// What this instance last saw of a key: the tags of its entry and the tier it came from.
+#[derive(Clone)]
+struct Seen {
+    tags: Arc<[String]>,
+    tier: usize,
+}
+
 /// The shared tiers of one named cache in Redis.
-#[derive(Debug)]
+///
+/// A probe is one round trip either way:
+/// - for keys seen before, a pipeline of `TIME` and one `MGET` of every tier's copy, the clear
+///   stamp and the stamps of the tags the entry had last time; plus, for an entry last read
+///   from a lower tier, a small script that counts the read for promotion. No script runs on
+///   a hot-tier hit, so such a read costs Redis about what a GET does.
+/// - for keys not seen before, a script that reads the tiers, parses the envelopes' tags and
+///   fetches their stamps in place.
+///
+/// If an entry's tags have changed since it was seen, it is probed again by the script.
 pub struct RedisTiers {
     connection: RedisConnection,
     layout: KeyLayout,
@@ -189,6 +257,17 @@ pub struct RedisTiers {
     hot_ttl_ms: u64,
     /// How long tag and clear stamps are kept: the longest TTL an entry can have.
     stamp_retention_ms: u64,
+    seen: moka::sync::Cache<String, Seen>,
+}
+
+impl std::fmt::Debug for RedisTiers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisTiers")
+            .field("connection", &self.connection)
+            .field("layout", &self.layout)
+            .field("tiers", &self.tier_names)
+            .finish()
+    }
 }
 
 impl RedisTiers {
@@ -206,10 +285,31 @@ impl RedisTiers {
             promote_window_ms: config.promotion.window.as_millis() as u64,
             hot_ttl_ms: config.tiers[0].ttl.as_millis() as u64,
             stamp_retention_ms: config.max_ttl.as_millis() as u64,
+            seen: moka::sync::Cache::builder()
+                .max_capacity(SEEN_CAPACITY)
+                .time_to_idle(config.max_ttl)
+                .build(),
         }
     }
 
-    async fn probe_chunk(&self, keys: &[&str], probe: &mut Probe) -> Result<()> {
+    fn remember(&self, key: &str, found: &Found) {
+        if let Ok(header) = codec::header(&found.envelope) {
+            let known = self
+                .seen
+                .get(key)
+                .is_some_and(|s| s.tier == found.tier && *s.tags == header.tags[..]);
+            if !known {
+                let seen = Seen {
+                    tags: header.tags.into(),
+                    tier: found.tier,
+                };
+                self.seen.insert(key.to_owned(), seen);
+            }
+        }
+    }
+
+    /// The script probe, for keys not seen before.
+    async fn probe_by_script(&self, keys: &[&str], probe: &mut Probe) -> Result<()> {
         let mut invocation = PROBE.prepare_invoke();
         for key in keys {
             invocation.key(self.layout.entry(key));
@@ -225,7 +325,182 @@ impl RedisTiers {
             .arg(self.promote_window_ms)
             .arg(self.hot_ttl_ms);
         let reply: Value = self.connection.run_script("probe", &invocation).await?;
-        parse_probe(reply, keys.len(), self.tier_names.len(), probe)
+        let first = probe.found.len();
+        parse_probe(reply, keys.len(), self.tier_names.len(), probe)?;
+        for (key, found) in keys.iter().zip(&probe.found[first..]) {
+            if let Some(found) = found {
+                self.remember(key, found);
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds a count of one read of `entry` from `tier` to `pipeline`.
+    fn push_count(&self, pipeline: &mut ::redis::Pipeline, entry: &str, tier: usize) {
+        pipeline
+            .cmd("EVALSHA")
+            .arg(COUNT.get_hash())
+            .arg(1)
+            .arg(entry)
+            .arg(&self.tier_names[tier])
+            .arg(&self.tier_names[0])
+            .arg(self.promote_reads)
+            .arg(self.promote_window_ms)
+            .arg(self.hot_ttl_ms);
+    }
+
+    /// The script-free probe, for keys seen before.
+    async fn probe_seen(&self, keys: &[&str], seen: &[Seen], probe: &mut Probe) -> Result<()> {
+        let tiers = self.tier_names.len();
+        let mut mget = ::redis::cmd("MGET");
+        let mut entries = Vec::with_capacity(keys.len());
+        let mut name = String::new();
+        for key in keys {
+            let entry = self.layout.entry(key);
+            for tier in &self.tier_names {
+                name.clear();
+                name.push_str(&entry);
+                name.push(':');
+                name.push_str(tier);
+                mget.arg(&name);
+            }
+            entries.push(entry);
+        }
+        mget.arg(&self.clear_key);
+        let mut tag_slots: HashMap<&str, usize> = HashMap::new();
+        for seen in seen {
+            for tag in seen.tags.iter() {
+                let next = tag_slots.len();
+                tag_slots.entry(tag.as_str()).or_insert_with(|| {
+                    mget.arg(format!("{}{tag}", self.tag_prefix));
+                    next
+                });
+            }
+        }
+        let mut pipeline = ::redis::pipe();
+        pipeline.cmd("TIME").add_command(mget);
+        let mut counted = Vec::new();
+        if self.promote_reads > 0 {
+            for (i, seen) in seen.iter().enumerate() {
+                if seen.tier > 0 {
+                    self.push_count(&mut pipeline, &entries[i], seen.tier);
+                    counted.push(i);
+                }
+            }
+        }
+        let reply: Vec<Value> = self
+            .connection
+            .pipeline_with_scripts("probe", &pipeline, &[&COUNT])
+            .await?;
+        let mut reply = reply.into_iter();
+        let now = parse_time(reply.next()).ok_or_else(|| malformed("no clock"))?;
+        let Some(Value::Array(mut values)) = reply.next() else {
+            return Err(malformed("MGET did not answer an array"));
+        };
+        if values.len() != keys.len() * tiers + 1 + tag_slots.len() {
+            return Err(malformed("MGET answered the wrong number of values"));
+        }
+        let stamp_at = |values: &[Value], slot: usize| stamp(&values[keys.len() * tiers + slot]);
+        probe.now_us = now;
+        probe.clear_us = probe.clear_us.max(stamp_at(&values, 0));
+        let counts: HashMap<usize, (bool, bool)> = counted.into_iter().zip(reply.map(count_flags)).collect();
+        let mut surprises = Vec::new();
+        let mut moved = Vec::new();
+        let first = probe.found.len();
+        for (i, key) in keys.iter().enumerate() {
+            let hit = (0..tiers).find_map(|t| match std::mem::take(&mut values[i * tiers + t]) {
+                Value::BulkString(envelope) => Some((t, envelope)),
+                _ => None,
+            });
+            let Some((tier, envelope)) = hit else {
+                probe.found.push(None);
+                continue;
+            };
+            let tags = codec::header(&envelope).map(|h| h.tags).unwrap_or_default();
+            let stamps: Option<Vec<u64>> = tags
+                .iter()
+                .map(|tag| tag_slots.get(tag.as_str()).map(|&slot| stamp_at(&values, 1 + slot)))
+                .collect();
+            let Some(tag_stamps) = stamps else {
+                // The entry's tags changed since it was seen: their stamps were not fetched.
+                surprises.push(i);
+                probe.found.push(None);
+                continue;
+            };
+            let mut found = Found::new(tier, envelope, tag_stamps);
+            if tier == seen[i].tier {
+                if let Some(&(promoted, demoted)) = counts.get(&i) {
+                    found.promoted = promoted;
+                    found.demoted = demoted;
+                }
+            } else if tier > 0 && self.promote_reads > 0 {
+                // Read from another lower tier than last time (a hot copy expired): this read
+                // was not counted in the pipeline.
+                moved.push(i);
+            }
+            self.remember(key, &found);
+            probe.found.push(Some(found));
+        }
+        if !moved.is_empty() {
+            let mut pipeline = ::redis::pipe();
+            for &i in &moved {
+                let tier = probe.found[first + i].as_ref().map_or(0, |f| f.tier);
+                self.push_count(&mut pipeline, &entries[i], tier);
+            }
+            let replies: Vec<Value> = self
+                .connection
+                .pipeline_with_scripts("count read", &pipeline, &[&COUNT])
+                .await?;
+            for (i, (promoted, demoted)) in moved.into_iter().zip(replies.into_iter().map(count_flags)) {
+                if let Some(found) = probe.found[first + i].as_mut() {
+                    found.promoted = promoted;
+                    found.demoted = demoted;
+                }
+            }
+        }
+        if !surprises.is_empty() {
+            let again: Vec<&str> = surprises.iter().map(|&i| keys[i]).collect();
+            let mut second = Probe::default();
+            self.probe_by_script(&again, &mut second).await?;
+            probe.clear_us = probe.clear_us.max(second.clear_us);
+            for (i, found) in surprises.into_iter().zip(second.found) {
+                probe.found[first + i] = found;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The `{promoted, demoted}` reply of the count script.
+fn count_flags(reply: Value) -> (bool, bool) {
+    match reply {
+        Value::Array(flags) => {
+            let flag = |n: usize| flags.get(n).and_then(int) == Some(1);
+            (flag(0), flag(1))
+        }
+        _ => (false, false),
+    }
+}
+
+/// Parses a `TIME` reply into µs.
+fn parse_time(reply: Option<Value>) -> Option<u64> {
+    let Some(Value::Array(parts)) = reply else {
+        return None;
+    };
+    let number = |v: &Value| match v {
+        Value::BulkString(b) => std::str::from_utf8(b).ok()?.parse::<u64>().ok(),
+        Value::Int(i) => u64::try_from(*i).ok(),
+        _ => None,
+    };
+    Some(number(parts.first()?)? * 1_000_000 + number(parts.get(1)?)?)
+}
+
+/// A stamp key's value as µs; 0 when absent or unreadable.
+fn stamp(value: &Value) -> u64 {
+    match value {
+        Value::BulkString(b) => std::str::from_utf8(b).ok().and_then(|s| s.parse().ok()).unwrap_or(0),
+        Value::Int(i) => (*i).max(0) as u64,
+        _ => 0,
     }
 }
 
@@ -292,7 +567,11 @@ impl TierStore for RedisTiers {
             ..Probe::default()
         };
         for chunk in keys.chunks(PROBE_CHUNK) {
-            self.probe_chunk(chunk, &mut probe).await?;
+            let seen: Option<Vec<Seen>> = chunk.iter().map(|key| self.seen.get(*key)).collect();
+            match seen {
+                Some(seen) => self.probe_seen(chunk, &seen, &mut probe).await?,
+                None => self.probe_by_script(chunk, &mut probe).await?,
+            }
         }
         Ok(probe)
     }
@@ -304,6 +583,13 @@ impl TierStore for RedisTiers {
             invocation.arg(name);
         }
         for write in &writes {
+            if let Ok(header) = codec::header(&write.envelope) {
+                let seen = Seen {
+                    tags: header.tags.into(),
+                    tier: write.tier,
+                };
+                self.seen.insert(write.key.to_owned(), seen);
+            }
             invocation
                 .key(self.layout.entry(write.key))
                 .arg(write.tier)
