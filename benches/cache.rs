@@ -37,7 +37,11 @@ fn message(id: u64) -> Message {
         id,
         conversation_id: "conv-7f3a9c2e-1b4d-4e8f-9a6b-2c5d8e1f0a3b".into(),
         user_id: format!("user-{}", id % 1000),
-        role: if id % 2 == 0 { Role::User } else { Role::Assistant },
+        role: if id.is_multiple_of(2) {
+            Role::User
+        } else {
+            Role::Assistant
+        },
         content: "The quick brown fox jumps over the lazy dog, again and again. ".repeat(13),
         created_at: 1_764_000_000_000 + id as i64,
         tokens: 231,
@@ -65,7 +69,9 @@ fn connection(rt: &Runtime) -> RedisConnection {
     rt.block_on(async {
         let mut config = RedisConfig::new(redis_url());
         config.op_timeout = Duration::from_secs(5);
-        RedisConnection::connect(&config).await.expect("Redis for the benchmark")
+        RedisConnection::connect(&config)
+            .await
+            .expect("Redis for the benchmark")
     })
 }
 
@@ -86,27 +92,37 @@ fn envelope_key(key: &str) -> String {
 
 fn l0_hit(c: &mut Criterion) {
     let rt = Runtime::new().unwrap();
-    let raw: moka::future::Cache<String, Arc<Message>> = moka::future::Cache::builder().max_capacity(10_000).build();
+    let raw: moka::future::Cache<String, Arc<Message>> =
+        moka::future::Cache::builder().max_capacity(10_000).build();
     let cache: Tiered<Message> = Tiered::builder(config(true)).build().unwrap();
     rt.block_on(async {
         raw.insert("m:1".to_owned(), Arc::new(message(1))).await;
-        cache.set("m:1", message(1), &EntryOptions::new()).await.unwrap();
+        cache
+            .set("m:1", message(1), &EntryOptions::new())
+            .await
+            .unwrap();
     });
     let mut group = c.benchmark_group("l0_hit");
     group.bench_function("raw_moka", |b| {
-        b.to_async(&rt).iter(|| async { raw.get("m:1").await.unwrap() })
+        b.to_async(&rt)
+            .iter(|| async { raw.get("m:1").await.unwrap() })
     });
     group.bench_function("pupkit", |b| {
-        b.to_async(&rt).iter(|| async { cache.get("m:1").await.unwrap().unwrap() })
+        b.to_async(&rt)
+            .iter(|| async { cache.get("m:1").await.unwrap().unwrap() })
     });
     group.finish();
 }
 
 fn redis_hit(c: &mut Criterion) {
     let rt = Runtime::new().unwrap();
-    let cache: Tiered<Message> = Tiered::builder(config(false)).redis(connection(&rt)).build().unwrap();
+    let cache: Tiered<Message> = Tiered::builder(config(false))
+        .redis(connection(&rt))
+        .build()
+        .unwrap();
     let mut raw = raw_connection(&rt);
-    rt.block_on(cache.set("m:1", message(1), &EntryOptions::new().tier("hot"))).unwrap();
+    rt.block_on(cache.set("m:1", message(1), &EntryOptions::new().tier("hot")))
+        .unwrap();
     let key = envelope_key("m:1");
     let mut group = c.benchmark_group("redis_hit");
     group.bench_function("raw_get", |b| {
@@ -114,26 +130,39 @@ fn redis_hit(c: &mut Criterion) {
             let mut raw = raw.clone();
             let key = key.clone();
             async move {
-                let bytes: Vec<u8> = redis::cmd("GET").arg(&key).query_async(&mut raw).await.unwrap();
+                let bytes: Vec<u8> = redis::cmd("GET")
+                    .arg(&key)
+                    .query_async(&mut raw)
+                    .await
+                    .unwrap();
                 bytes
             }
         })
     });
     group.bench_function("pupkit", |b| {
-        b.to_async(&rt).iter(|| async { cache.get("m:1").await.unwrap().unwrap() })
+        b.to_async(&rt)
+            .iter(|| async { cache.get("m:1").await.unwrap().unwrap() })
     });
     group.finish();
-    let _: () = rt.block_on(redis::cmd("PING").query_async(&mut raw)).unwrap();
+    let _: () = rt
+        .block_on(redis::cmd("PING").query_async(&mut raw))
+        .unwrap();
 }
 
 fn get_many_100(c: &mut Criterion) {
     let rt = Runtime::new().unwrap();
-    let cache: Tiered<Message> = Tiered::builder(config(false)).redis(connection(&rt)).build().unwrap();
+    let cache: Tiered<Message> = Tiered::builder(config(false))
+        .redis(connection(&rt))
+        .build()
+        .unwrap();
     let raw = raw_connection(&rt);
     let keys: Vec<String> = (0..100).map(|i| format!("many:{i}")).collect();
     let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
-    let entries = (0..100).map(|i| (format!("many:{i}"), message(i))).collect();
-    rt.block_on(cache.set_many(entries, &EntryOptions::new().tier("hot"))).unwrap();
+    let entries = (0..100)
+        .map(|i| (format!("many:{i}"), message(i)))
+        .collect();
+    rt.block_on(cache.set_many(entries, &EntryOptions::new().tier("hot")))
+        .unwrap();
     let raw_keys: Vec<String> = keys.iter().map(|k| envelope_key(k)).collect();
     let mut group = c.benchmark_group("get_many_100");
     group.bench_function("raw_mget", |b| {
@@ -141,7 +170,11 @@ fn get_many_100(c: &mut Criterion) {
             let mut raw = raw.clone();
             let raw_keys = &raw_keys;
             async move {
-                let values: Vec<Vec<u8>> = redis::cmd("MGET").arg(raw_keys).query_async(&mut raw).await.unwrap();
+                let values: Vec<Vec<u8>> = redis::cmd("MGET")
+                    .arg(raw_keys)
+                    .query_async(&mut raw)
+                    .await
+                    .unwrap();
                 assert_eq!(values.len(), 100);
                 values
             }
@@ -162,9 +195,13 @@ fn concurrent_64(c: &mut Criterion) {
     const TASKS: usize = 64;
     const READS: usize = 16;
     let rt = Runtime::new().unwrap();
-    let cache: Tiered<Message> = Tiered::builder(config(false)).redis(connection(&rt)).build().unwrap();
+    let cache: Tiered<Message> = Tiered::builder(config(false))
+        .redis(connection(&rt))
+        .build()
+        .unwrap();
     let raw = raw_connection(&rt);
-    rt.block_on(cache.set("m:1", message(1), &EntryOptions::new().tier("hot"))).unwrap();
+    rt.block_on(cache.set("m:1", message(1), &EntryOptions::new().tier("hot")))
+        .unwrap();
     let key = envelope_key("m:1");
     let mut group = c.benchmark_group("concurrent_64");
     group.throughput(criterion::Throughput::Elements((TASKS * READS) as u64));
@@ -179,7 +216,11 @@ fn concurrent_64(c: &mut Criterion) {
                         let key = key.clone();
                         tokio::spawn(async move {
                             for _ in 0..READS {
-                                let _: Vec<u8> = redis::cmd("GET").arg(&key).query_async(&mut raw).await.unwrap();
+                                let _: Vec<u8> = redis::cmd("GET")
+                                    .arg(&key)
+                                    .query_async(&mut raw)
+                                    .await
+                                    .unwrap();
                             }
                         })
                     })
@@ -226,14 +267,24 @@ fn formats(c: &mut Criterion) {
         postcard.len()
     );
     let mut group = c.benchmark_group("format_decode");
-    group.bench_function("json", |b| b.iter(|| serde_json::from_slice::<Message>(&json).unwrap()));
-    group.bench_function("msgpack", |b| b.iter(|| rmp_serde::from_slice::<Message>(&msgpack).unwrap()));
-    group.bench_function("postcard", |b| b.iter(|| postcard::from_bytes::<Message>(&postcard).unwrap()));
+    group.bench_function("json", |b| {
+        b.iter(|| serde_json::from_slice::<Message>(&json).unwrap())
+    });
+    group.bench_function("msgpack", |b| {
+        b.iter(|| rmp_serde::from_slice::<Message>(&msgpack).unwrap())
+    });
+    group.bench_function("postcard", |b| {
+        b.iter(|| postcard::from_bytes::<Message>(&postcard).unwrap())
+    });
     group.finish();
     let mut group = c.benchmark_group("format_encode");
     group.bench_function("json", |b| b.iter(|| serde_json::to_vec(&value).unwrap()));
-    group.bench_function("msgpack", |b| b.iter(|| rmp_serde::to_vec_named(&value).unwrap()));
-    group.bench_function("postcard", |b| b.iter(|| postcard::to_allocvec(&value).unwrap()));
+    group.bench_function("msgpack", |b| {
+        b.iter(|| rmp_serde::to_vec_named(&value).unwrap())
+    });
+    group.bench_function("postcard", |b| {
+        b.iter(|| postcard::to_allocvec(&value).unwrap())
+    });
     group.finish();
 }
 
@@ -245,20 +296,33 @@ fn redis_memory(rt: &Runtime) {
     let text = "The quick brown fox jumps over the lazy dog, again and again. ".repeat(20);
     let mut document = String::new();
     for len in (0..text.len()).rev() {
-        document = serde_json::json!({"id": 1, "role": "assistant", "content": &text[..len]}).to_string();
+        document =
+            serde_json::json!({"id": 1, "role": "assistant", "content": &text[..len]}).to_string();
         if document.len() <= 1024 {
             break;
         }
     }
-    for (label, threshold) in [("lz4 (default, >= 1 KiB)", 1024), ("uncompressed", usize::MAX)] {
+    for (label, threshold) in [
+        ("lz4 (default, >= 1 KiB)", 1024),
+        ("uncompressed", usize::MAX),
+    ] {
         let mut config = config(false);
         config.name = format!("mem{}", threshold % 7);
         config.compress_threshold = threshold;
-        let cache: Tiered<String> = Tiered::builder(config.clone()).redis(connection.clone()).build().unwrap();
-        rt.block_on(cache.set("doc", document.clone(), &EntryOptions::new().tier("hot"))).unwrap();
+        let cache: Tiered<String> = Tiered::builder(config.clone())
+            .redis(connection.clone())
+            .build()
+            .unwrap();
+        rt.block_on(cache.set("doc", document.clone(), &EntryOptions::new().tier("hot")))
+            .unwrap();
         let key = format!("{}:{}:{{doc}}:hot", prefix(), config.name);
         let usage: i64 = rt
-            .block_on(redis::cmd("MEMORY").arg("USAGE").arg(&key).query_async(&mut raw))
+            .block_on(
+                redis::cmd("MEMORY")
+                    .arg("USAGE")
+                    .arg(&key)
+                    .query_async(&mut raw),
+            )
             .unwrap();
         let stats = cache.stats();
         let hot = stats.tier("hot").unwrap();
@@ -274,10 +338,16 @@ fn redis_memory(rt: &Runtime) {
 fn cleanup(rt: &Runtime) {
     let mut raw = raw_connection(rt);
     let keys: Vec<String> = rt
-        .block_on(redis::cmd("KEYS").arg(format!("{}:*", prefix())).query_async(&mut raw))
+        .block_on(
+            redis::cmd("KEYS")
+                .arg(format!("{}:*", prefix()))
+                .query_async(&mut raw),
+        )
         .unwrap();
     if !keys.is_empty() {
-        let _: () = rt.block_on(redis::cmd("DEL").arg(keys).query_async(&mut raw)).unwrap();
+        let _: () = rt
+            .block_on(redis::cmd("DEL").arg(keys).query_async(&mut raw))
+            .unwrap();
     }
 }
 
@@ -293,15 +363,32 @@ fn print_ratios(started: Instant) {
     println!("\n== pupkit cache vs raw baselines (this run) ==");
     let rows = [
         ("l0_hit", "raw_moka", "L0 hit vs raw moka get", "<= 2.0x"),
-        ("redis_hit", "raw_get", "Redis-tier hit vs raw GET", "<= 1.25x"),
-        ("get_many_100", "raw_mget", "get_many(100) vs raw MGET", "<= 1.25x"),
-        ("concurrent_64", "raw_get", "64 tasks, Redis-tier hits vs raw GETs (time)", "<= 1.11x (throughput >= 0.9x)"),
+        (
+            "redis_hit",
+            "raw_get",
+            "Redis-tier hit vs raw GET",
+            "<= 1.25x",
+        ),
+        (
+            "get_many_100",
+            "raw_mget",
+            "get_many(100) vs raw MGET",
+            "<= 1.25x",
+        ),
+        (
+            "concurrent_64",
+            "raw_get",
+            "64 tasks, Redis-tier hits vs raw GETs (time)",
+            "<= 1.11x (throughput >= 0.9x)",
+        ),
     ];
     for (group, baseline, label, target) in rows {
         // Only groups that ran after this process started count.
-        let fresh = std::fs::metadata(format!("target/criterion/{group}/pupkit/new/estimates.json"))
-            .and_then(|m| m.modified())
-            .is_ok_and(|t| t.elapsed().map_or(false, |e| e <= started.elapsed()));
+        let fresh = std::fs::metadata(format!(
+            "target/criterion/{group}/pupkit/new/estimates.json"
+        ))
+        .and_then(|m| m.modified())
+        .is_ok_and(|t| t.elapsed().is_ok_and(|e| e <= started.elapsed()));
         match (fresh, mean_ns(group, "pupkit"), mean_ns(group, baseline)) {
             (true, Some(ours), Some(raw)) => println!(
                 "{label}: pupkit {:.0} ns, raw {:.0} ns, ratio {:.2}x (target {target})",

@@ -143,13 +143,22 @@ pub fn encode<V: Serialize>(
     }
     let tags_len: usize = tags.iter().map(|t| 1 + t.len()).sum();
     let mut bytes = Vec::with_capacity(HEADER_LEN + tags_len + 256);
-    bytes.extend_from_slice(&[MAGIC, VERSION, options.format.code() << FORMAT_SHIFT, tags.len() as u8]);
+    bytes.extend_from_slice(&[
+        MAGIC,
+        VERSION,
+        options.format.code() << FORMAT_SHIFT,
+        tags.len() as u8,
+    ]);
     bytes.extend_from_slice(&[0; 16]);
     for tag in tags {
         let len = u8::try_from(tag.len()).map_err(|_| {
             Error::invalid(
                 "tag",
-                format!("{:?} is {} bytes, at most {MAX_TAG_LEN}", excerpt(tag), tag.len()),
+                format!(
+                    "{:?} is {} bytes, at most {MAX_TAG_LEN}",
+                    excerpt(tag),
+                    tag.len()
+                ),
             )
         })?;
         bytes.push(len);
@@ -216,7 +225,10 @@ pub fn header(bytes: &[u8]) -> Result<Header> {
         )));
     }
     if bytes[0] != MAGIC {
-        return Err(Error::corrupt(format!("magic byte is {:#04x}, not {MAGIC:#04x}", bytes[0])));
+        return Err(Error::corrupt(format!(
+            "magic byte is {:#04x}, not {MAGIC:#04x}",
+            bytes[0]
+        )));
     }
     if bytes[1] != VERSION {
         return Err(Error::corrupt(format!(
@@ -225,7 +237,9 @@ pub fn header(bytes: &[u8]) -> Result<Header> {
         )));
     }
     let flags = bytes[2];
-    if flags & !KNOWN_FLAGS != 0 || Format::from_code((flags & FORMAT_MASK) >> FORMAT_SHIFT).is_none() {
+    if flags & !KNOWN_FLAGS != 0
+        || Format::from_code((flags & FORMAT_MASK) >> FORMAT_SHIFT).is_none()
+    {
         return Err(Error::corrupt(format!("unknown flags {flags:#010b}")));
     }
     let tag_count = bytes[3] as usize;
@@ -255,7 +269,11 @@ pub fn header(bytes: &[u8]) -> Result<Header> {
 
 /// Decodes a whole envelope. `max_value_bytes` bounds the decompressed payload, so a
 /// corrupt length prefix cannot make it allocate more.
-pub fn decode<V: DeserializeOwned>(key: &str, bytes: &[u8], max_value_bytes: usize) -> Result<Decoded<V>> {
+pub fn decode<V: DeserializeOwned>(
+    key: &str,
+    bytes: &[u8],
+    max_value_bytes: usize,
+) -> Result<Decoded<V>> {
     let header = header(bytes)?;
     let body = &bytes[header.payload_at..];
     let decompressed;
@@ -284,7 +302,9 @@ pub fn decode<V: DeserializeOwned>(key: &str, bytes: &[u8], max_value_bytes: usi
     };
     let value = match format {
         Format::Postcard => postcard::from_bytes(payload).map_err(|e| decode_error(Box::new(e)))?,
-        Format::MessagePack => rmp_serde::from_slice(payload).map_err(|e| decode_error(Box::new(e)))?,
+        Format::MessagePack => {
+            rmp_serde::from_slice(payload).map_err(|e| decode_error(Box::new(e)))?
+        }
         Format::Json => serde_json::from_slice(payload).map_err(|e| decode_error(Box::new(e)))?,
     };
     Ok(Decoded { header, value })
@@ -325,7 +345,10 @@ mod tests {
             let dec: Decoded<Message> = decode("k", &enc.bytes, 1 << 20).unwrap();
             assert_eq!(dec.value, message(100));
             assert_eq!(dec.header.tags, tags);
-            assert_eq!((dec.header.created_us, dec.header.expires_us), (1_000, 61_000));
+            assert_eq!(
+                (dec.header.created_us, dec.header.expires_us),
+                (1_000, 61_000)
+            );
         }
     }
 
@@ -357,13 +380,25 @@ mod tests {
         let mut opts = options(Format::Json);
         opts.max_value_bytes = 64;
         let err = encode("big", &message(500), &[], &opts).unwrap_err();
-        assert!(matches!(err, Error::ValueTooLarge { limit: 64, .. }), "{err}");
-        assert!(err.to_string().contains("over the limit of 64 bytes"), "{err}");
+        assert!(
+            matches!(err, Error::ValueTooLarge { limit: 64, .. }),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains("over the limit of 64 bytes"),
+            "{err}"
+        );
     }
 
     #[test]
     fn garbage_truncation_and_future_versions_are_corrupt_not_panics() {
-        let good = encode("k", &message(4096), &["t".to_owned()], &options(Format::MessagePack)).unwrap();
+        let good = encode(
+            "k",
+            &message(4096),
+            &["t".to_owned()],
+            &options(Format::MessagePack),
+        )
+        .unwrap();
         let cases: Vec<Vec<u8>> = vec![
             vec![],
             b"not an envelope at all".to_vec(),
@@ -401,6 +436,15 @@ mod tests {
     fn a_payload_of_another_type_is_a_codec_error() {
         let enc = encode("k", &"just a string", &[], &options(Format::MessagePack)).unwrap();
         let err = decode::<Message>("k", &enc.bytes, 1 << 20).unwrap_err();
-        assert!(matches!(err, Error::Codec { action: "decode", .. }), "{err}");
+        assert!(
+            matches!(
+                err,
+                Error::Codec {
+                    action: "decode",
+                    ..
+                }
+            ),
+            "{err}"
+        );
     }
 }

@@ -79,7 +79,11 @@ pub(crate) fn redact_url(url: &str) -> String {
         Some(at) => {
             let userinfo = &rest[..at];
             let user = userinfo.split(':').next().unwrap_or("");
-            let shown = if userinfo.contains(':') { format!("{user}:***") } else { "***".to_owned() };
+            let shown = if userinfo.contains(':') {
+                format!("{user}:***")
+            } else {
+                "***".to_owned()
+            };
             format!("{}{shown}{}", &url[..scheme_end], &rest[at..])
         }
         None => url.to_owned(),
@@ -109,8 +113,12 @@ impl RedisConnection {
     /// so a host starts even while Redis is down. Must be called inside a Tokio runtime.
     pub fn lazy(config: &RedisConfig) -> Result<Self> {
         let redacted = redact_url(&config.url);
-        let client = ::redis::Client::open(config.url.as_str())
-            .map_err(|_| Error::invalid("redis url", format!("{redacted:?} is not a valid Redis URL")))?;
+        let client = ::redis::Client::open(config.url.as_str()).map_err(|_| {
+            Error::invalid(
+                "redis url",
+                format!("{redacted:?} is not a valid Redis URL"),
+            )
+        })?;
         let manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(config.connect_timeout))
             .set_response_timeout(Some(config.op_timeout))
@@ -118,11 +126,14 @@ impl RedisConnection {
             .set_number_of_retries(1)
             .set_min_delay(Duration::from_millis(10))
             .set_max_delay(Duration::from_millis(200));
-        let manager = ConnectionManager::new_lazy_with_config(client, manager_config).map_err(|e| Error::Backend {
-            backend: "redis",
-            operation: "connect",
-            source: Box::new(e),
-        })?;
+        let manager =
+            ConnectionManager::new_lazy_with_config(client, manager_config).map_err(|e| {
+                Error::Backend {
+                    backend: "redis",
+                    operation: "connect",
+                    source: Box::new(e),
+                }
+            })?;
         Ok(RedisConnection {
             manager,
             op_timeout: config.op_timeout,
@@ -143,10 +154,17 @@ impl RedisConnection {
     }
 
     /// Runs one command (or a pipeline packed as one) within the deadline.
-    pub(crate) async fn query<T: FromRedisValue>(&self, operation: &'static str, cmd: &Cmd) -> Result<T> {
+    pub(crate) async fn query<T: FromRedisValue>(
+        &self,
+        operation: &'static str,
+        cmd: &Cmd,
+    ) -> Result<T> {
         let mut manager = self.manager.clone();
-        self.deadline(operation, async move { cmd.query_async(&mut manager).await })
-            .await
+        self.deadline(
+            operation,
+            async move { cmd.query_async(&mut manager).await },
+        )
+        .await
     }
 
     /// Runs a Lua script (EVALSHA, loading it on NOSCRIPT) within the deadline.
@@ -156,8 +174,10 @@ impl RedisConnection {
         invocation: &ScriptInvocation<'_>,
     ) -> Result<T> {
         let mut manager = self.manager.clone();
-        self.deadline(operation, async move { invocation.invoke_async(&mut manager).await })
-            .await
+        self.deadline(operation, async move {
+            invocation.invoke_async(&mut manager).await
+        })
+        .await
     }
 
     /// Runs a pipeline within the deadline.
@@ -167,8 +187,10 @@ impl RedisConnection {
         pipeline: &::redis::Pipeline,
     ) -> Result<T> {
         let mut manager = self.manager.clone();
-        self.deadline(operation, async move { pipeline.query_async(&mut manager).await })
-            .await
+        self.deadline(operation, async move {
+            pipeline.query_async(&mut manager).await
+        })
+        .await
     }
 
     /// Runs a pipeline that calls `scripts` by EVALSHA within the deadline, loading them and
@@ -182,7 +204,10 @@ impl RedisConnection {
         let mut manager = self.manager.clone();
         self.deadline(operation, async move {
             match pipeline.query_async(&mut manager).await {
-                Err(error) if error.kind() == ::redis::ErrorKind::Server(::redis::ServerErrorKind::NoScript) => {
+                Err(error)
+                    if error.kind()
+                        == ::redis::ErrorKind::Server(::redis::ServerErrorKind::NoScript) =>
+                {
                     for script in scripts {
                         script.load_async(&mut manager).await?;
                     }
@@ -226,9 +251,18 @@ mod tests {
 
     #[test]
     fn passwords_never_show() {
-        assert_eq!(redact_url("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
-        assert_eq!(redact_url("redis://:s3cret@host:6379/0"), "redis://:***@host:6379/0");
-        assert_eq!(redact_url("rediss://app:s3cret@host/2"), "rediss://app:***@host/2");
+        assert_eq!(
+            redact_url("redis://127.0.0.1:6379"),
+            "redis://127.0.0.1:6379"
+        );
+        assert_eq!(
+            redact_url("redis://:s3cret@host:6379/0"),
+            "redis://:***@host:6379/0"
+        );
+        assert_eq!(
+            redact_url("rediss://app:s3cret@host/2"),
+            "rediss://app:***@host/2"
+        );
         assert_eq!(redact_url("redis://token@host"), "redis://***@host");
         let config = RedisConfig::new("redis://app:s3cret@host:6379");
         assert!(!format!("{config:?}").contains("s3cret"));

@@ -6,12 +6,17 @@ use std::time::Duration;
 use serde::de::{self, Deserializer, Visitor};
 
 /// Deserializes a `Duration` from milliseconds or a string with a unit.
-pub(crate) fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+pub(crate) fn deserialize<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Duration, D::Error> {
     deserializer.deserialize_any(DurationVisitor)
 }
 
 /// Serializes a `Duration` as whole milliseconds.
-pub(crate) fn serialize<S: serde::Serializer>(value: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+pub(crate) fn serialize<S: serde::Serializer>(
+    value: &Duration,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
     serializer.serialize_u64(value.as_millis().min(u64::MAX as u128) as u64)
 }
 
@@ -21,7 +26,9 @@ impl Visitor<'_> for DurationVisitor {
     type Value = Duration;
 
     fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("milliseconds, or a string such as \"250ms\", \"30s\", \"5m\", \"1h\" or \"7d\"")
+        f.write_str(
+            "milliseconds, or a string such as \"250ms\", \"30s\", \"5m\", \"1h\" or \"7d\"",
+        )
     }
 
     fn visit_u64<E: de::Error>(self, ms: u64) -> Result<Duration, E> {
@@ -71,7 +78,15 @@ mod tests {
         assert_eq!(parse("5m"), Some(Duration::from_secs(300)));
         assert_eq!(parse("1h"), Some(Duration::from_secs(3600)));
         assert_eq!(parse("7d"), Some(Duration::from_secs(7 * 86_400)));
-        for bad in ["", "5", "m", "5 weeks", "-5s", "1.5s", "99999999999999999999d"] {
+        for bad in [
+            "",
+            "5",
+            "m",
+            "5 weeks",
+            "-5s",
+            "1.5s",
+            "99999999999999999999d",
+        ] {
             assert_eq!(parse(bad), None, "{bad}");
         }
     }

@@ -27,7 +27,10 @@ fn message(id: u64) -> Message {
 }
 
 fn memory_cache(name: &str) -> Tiered<Message> {
-    Tiered::builder(TieredConfig::named(name)).memory_tiers(16 << 20).build().unwrap()
+    Tiered::builder(TieredConfig::named(name))
+        .memory_tiers(16 << 20)
+        .build()
+        .unwrap()
 }
 
 /// Counts calls to the store it wraps.
@@ -54,7 +57,12 @@ impl TierStore for CountingStore {
     async fn remove(&self, keys: &[&str]) -> pupkit::Result<()> {
         self.inner.remove(keys).await
     }
-    async fn remove_if_unchanged(&self, key: &str, tier: usize, envelope: &[u8]) -> pupkit::Result<()> {
+    async fn remove_if_unchanged(
+        &self,
+        key: &str,
+        tier: usize,
+        envelope: &[u8],
+    ) -> pupkit::Result<()> {
         self.inner.remove_if_unchanged(key, tier, envelope).await
     }
     async fn stamp_tags(&self, tags: &[&str]) -> pupkit::Result<u64> {
@@ -93,13 +101,26 @@ async fn an_l0_miss_is_one_probe_of_the_shared_tiers_even_for_many_keys() {
         probes: AtomicUsize::new(0),
         probed_keys: AtomicUsize::new(0),
     });
-    let writer: Tiered<Message> = Tiered::builder(config.clone()).store(store.clone()).build().unwrap();
+    let writer: Tiered<Message> = Tiered::builder(config.clone())
+        .store(store.clone())
+        .build()
+        .unwrap();
     for id in 0..10 {
-        writer.set(&format!("m:{id}"), message(id), &EntryOptions::new().tier("cold")).await.unwrap();
+        writer
+            .set(
+                &format!("m:{id}"),
+                message(id),
+                &EntryOptions::new().tier("cold"),
+            )
+            .await
+            .unwrap();
     }
     let mut reader_config = config;
     reader_config.l0.enabled = false;
-    let reader: Tiered<Message> = Tiered::builder(reader_config).store(store.clone()).build().unwrap();
+    let reader: Tiered<Message> = Tiered::builder(reader_config)
+        .store(store.clone())
+        .build()
+        .unwrap();
     assert_eq!(*reader.get("m:3").await.unwrap().unwrap(), message(3));
     assert_eq!(store.probes.load(Ordering::SeqCst), 1);
     let keys: Vec<String> = (0..12).map(|i| format!("m:{i}")).collect();
@@ -117,7 +138,10 @@ async fn an_l0_miss_is_one_probe_of_the_shared_tiers_even_for_many_keys() {
 #[tokio::test]
 async fn get_or_load_many_asks_the_loader_for_missing_keys_only() {
     let cache = memory_cache("many");
-    cache.set("a", message(1), &EntryOptions::new()).await.unwrap();
+    cache
+        .set("a", message(1), &EntryOptions::new())
+        .await
+        .unwrap();
     let asked = std::sync::Mutex::new(Vec::new());
     let values = cache
         .get_or_load_many(&["a", "b", "c", "b"], &EntryOptions::new(), |missing| {
@@ -154,9 +178,15 @@ async fn a_loader_error_is_returned_with_the_key_and_counted() {
         .unwrap_err();
     assert!(err.is_loader());
     assert_eq!(err.to_string(), "loader for key \"m:404\" failed");
-    assert_eq!(std::error::Error::source(&err).unwrap().to_string(), "database down");
+    assert_eq!(
+        std::error::Error::source(&err).unwrap().to_string(),
+        "database down"
+    );
     assert_eq!(cache.stats().loader_errors, 1);
-    assert!(cache.get("m:404").await.unwrap().is_none(), "a failed load is not cached");
+    assert!(
+        cache.get("m:404").await.unwrap().is_none(),
+        "a failed load is not cached"
+    );
 }
 
 #[tokio::test]
@@ -165,14 +195,20 @@ async fn tags_and_clear_invalidate_without_touching_other_entries() {
     let tagged = EntryOptions::new().tags(["user:1"]);
     cache.set("u1:a", message(1), &tagged).await.unwrap();
     cache.set("u1:b", message(2), &tagged).await.unwrap();
-    cache.set("u2:a", message(3), &EntryOptions::new().tags(["user:2"])).await.unwrap();
+    cache
+        .set("u2:a", message(3), &EntryOptions::new().tags(["user:2"]))
+        .await
+        .unwrap();
     cache.invalidate_tags(&["user:1"]).await.unwrap();
     assert!(cache.get("u1:a").await.unwrap().is_none());
     assert!(cache.get("u1:b").await.unwrap().is_none());
     assert!(cache.get("u2:a").await.unwrap().is_some());
     // Written after the invalidation: valid again.
     cache.set("u1:a", message(4), &tagged).await.unwrap();
-    assert_eq!(cache.get("u1:a").await.unwrap().as_deref(), Some(&message(4)));
+    assert_eq!(
+        cache.get("u1:a").await.unwrap().as_deref(),
+        Some(&message(4))
+    );
     cache.clear().await.unwrap();
     assert!(cache.get("u1:a").await.unwrap().is_none());
     assert!(cache.get("u2:a").await.unwrap().is_none());
@@ -183,31 +219,58 @@ async fn bad_input_is_refused_with_what_was_wrong() {
     let cache = memory_cache("input");
     let err = cache.get(&"k".repeat(600)).await.unwrap_err();
     assert!(err.is_invalid_input());
-    assert!(err.to_string().contains("600 bytes, over the limit of 512"), "{err}");
-    let err = cache.set("", message(1), &EntryOptions::new()).await.unwrap_err();
+    assert!(
+        err.to_string().contains("600 bytes, over the limit of 512"),
+        "{err}"
+    );
+    let err = cache
+        .set("", message(1), &EntryOptions::new())
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("empty"), "{err}");
-    let err = cache.set("k", message(1), &EntryOptions::new().tier("lukewarm")).await.unwrap_err();
+    let err = cache
+        .set("k", message(1), &EntryOptions::new().tier("lukewarm"))
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("lukewarm"), "{err}");
     let err = cache
-        .set("k", message(1), &EntryOptions::new().ttl(Duration::from_secs(30 * 86_400)))
+        .set(
+            "k",
+            message(1),
+            &EntryOptions::new().ttl(Duration::from_secs(30 * 86_400)),
+        )
         .await
         .unwrap_err();
     assert!(err.to_string().contains("max_ttl"), "{err}");
-    let err = cache.invalidate_tags(&[&"t".repeat(200)]).await.unwrap_err();
+    let err = cache
+        .invalidate_tags(&[&"t".repeat(200)])
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("over the limit of 128"), "{err}");
 
     let mut small = TieredConfig::named("small");
     small.max_value_bytes = 100;
-    let cache: Tiered<Message> = Tiered::builder(small).memory_tiers(1 << 20).build().unwrap();
+    let cache: Tiered<Message> = Tiered::builder(small)
+        .memory_tiers(1 << 20)
+        .build()
+        .unwrap();
     let big = Message {
         id: 1,
         text: "x".repeat(500),
     };
-    let err = cache.set("big", big.clone(), &EntryOptions::new()).await.unwrap_err();
-    assert!(matches!(err, pupkit::Error::ValueTooLarge { limit: 100, .. }), "{err}");
+    let err = cache
+        .set("big", big.clone(), &EntryOptions::new())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, pupkit::Error::ValueTooLarge { limit: 100, .. }),
+        "{err}"
+    );
     // A loaded value that is too large is still returned, just not cached.
     let loaded = cache
-        .get_or_load("big", &EntryOptions::new(), || async { Ok::<_, std::io::Error>(big.clone()) })
+        .get_or_load("big", &EntryOptions::new(), || async {
+            Ok::<_, std::io::Error>(big.clone())
+        })
         .await
         .unwrap();
     assert_eq!(*loaded, big);
@@ -220,8 +283,14 @@ async fn promotion_copies_often_read_entries_to_the_hot_tier() {
     let mut config = TieredConfig::named("promo");
     config.l0.enabled = false;
     config.promotion.reads = 3;
-    let cache: Tiered<Message> = Tiered::builder(config).memory_tiers(1 << 20).build().unwrap();
-    cache.set("m", message(1), &EntryOptions::new().tier("cold")).await.unwrap();
+    let cache: Tiered<Message> = Tiered::builder(config)
+        .memory_tiers(1 << 20)
+        .build()
+        .unwrap();
+    cache
+        .set("m", message(1), &EntryOptions::new().tier("cold"))
+        .await
+        .unwrap();
     for _ in 0..3 {
         cache.get("m").await.unwrap().unwrap();
     }
@@ -230,7 +299,11 @@ async fn promotion_copies_often_read_entries_to_the_hot_tier() {
     assert_eq!(stats.tier("hot").unwrap().promotions, 1);
     cache.get("m").await.unwrap().unwrap();
     let stats = cache.stats();
-    assert_eq!(stats.tier("hot").unwrap().hits, 1, "the fourth read is served by the hot copy");
+    assert_eq!(
+        stats.tier("hot").unwrap().hits,
+        1,
+        "the fourth read is served by the hot copy"
+    );
     assert_eq!(stats.tier("warm").unwrap().hits, 0);
 }
 
@@ -238,7 +311,11 @@ async fn promotion_copies_often_read_entries_to_the_hot_tier() {
 async fn works_as_a_trait_object() {
     let cache: Arc<dyn TieredCache<Message>> = Arc::new(memory_cache("dyn"));
     let value = cache
-        .get_or_load("k", &EntryOptions::new(), Box::new(|| Box::pin(async { Ok(message(5)) })))
+        .get_or_load(
+            "k",
+            &EntryOptions::new(),
+            Box::new(|| Box::pin(async { Ok(message(5)) })),
+        )
         .await
         .unwrap();
     assert_eq!(*value, message(5));
@@ -249,7 +326,10 @@ async fn works_as_a_trait_object() {
 async fn l0_only_caches_work_and_an_empty_cache_is_refused() {
     let mut config = TieredConfig::named("l0only");
     let cache: Tiered<Message> = Tiered::builder(config.clone()).build().unwrap();
-    cache.set("k", message(1), &EntryOptions::new().tags(["t"])).await.unwrap();
+    cache
+        .set("k", message(1), &EntryOptions::new().tags(["t"]))
+        .await
+        .unwrap();
     assert!(cache.get("k").await.unwrap().is_some());
     cache.invalidate_tags(&["t"]).await.unwrap();
     assert!(cache.get("k").await.unwrap().is_none());
@@ -276,7 +356,10 @@ mod redis {
     }
 
     async fn cache(connection: &RedisConnection, config: TieredConfig) -> Tiered<Message> {
-        Tiered::builder(config).redis(connection.clone()).build().unwrap()
+        Tiered::builder(config)
+            .redis(connection.clone())
+            .build()
+            .unwrap()
     }
 
     #[tokio::test]
@@ -285,7 +368,9 @@ mod redis {
         let prefix = unique_prefix("two-nodes");
         let a = cache(&redis, config(&prefix, "msgs", true)).await;
         let b = cache(&redis, config(&prefix, "msgs", true)).await;
-        a.set("m:1", message(1), &EntryOptions::new()).await.unwrap();
+        a.set("m:1", message(1), &EntryOptions::new())
+            .await
+            .unwrap();
         assert_eq!(b.get("m:1").await.unwrap().as_deref(), Some(&message(1)));
         assert_eq!(b.stats().tier("warm").unwrap().hits, 1);
         // B's get backfilled its L0.
@@ -297,12 +382,14 @@ mod redis {
         assert!(a.get("m:1").await.unwrap().is_none());
         // A batch write from B is read by A in one get_many.
         let entries = (0..5).map(|i| (format!("m:{i}"), message(i))).collect();
-        b.set_many(entries, &EntryOptions::new().tier("hot")).await.unwrap();
+        b.set_many(entries, &EntryOptions::new().tier("hot"))
+            .await
+            .unwrap();
         let keys: Vec<String> = (0..6).map(|i| format!("m:{i}")).collect();
         let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
         let values = a.get_many(&refs).await.unwrap();
-        for i in 0..5 {
-            assert_eq!(values[i].as_deref(), Some(&message(i as u64)));
+        for (i, value) in values.iter().take(5).enumerate() {
+            assert_eq!(value.as_deref(), Some(&message(i as u64)));
         }
         assert!(values[5].is_none());
         delete_prefix(&prefix).await;
@@ -313,7 +400,9 @@ mod redis {
         let Some(redis) = connect().await else { return };
         let prefix = unique_prefix("home");
         let a = cache(&redis, config(&prefix, "msgs", false)).await;
-        a.set("k", message(1), &EntryOptions::new().tier("cold")).await.unwrap();
+        a.set("k", message(1), &EntryOptions::new().tier("cold"))
+            .await
+            .unwrap();
         let mut raw = raw().await;
         let base = format!("{prefix}:msgs:{{k}}");
         let exists: (bool, bool, bool) = ::redis::pipe()
@@ -324,11 +413,21 @@ mod redis {
             .await
             .unwrap();
         assert_eq!(exists, (false, false, true));
-        let pttl: i64 = ::redis::cmd("PTTL").arg(format!("{base}:cold")).query_async(&mut raw).await.unwrap();
+        let pttl: i64 = ::redis::cmd("PTTL")
+            .arg(format!("{base}:cold"))
+            .query_async(&mut raw)
+            .await
+            .unwrap();
         assert!(pttl > 23 * 3_600_000 && pttl <= 24 * 3_600_000, "{pttl}");
         // Moving home removes the old copy.
-        a.set("k", message(2), &EntryOptions::new().tier("hot")).await.unwrap();
-        let cold: bool = ::redis::cmd("EXISTS").arg(format!("{base}:cold")).query_async(&mut raw).await.unwrap();
+        a.set("k", message(2), &EntryOptions::new().tier("hot"))
+            .await
+            .unwrap();
+        let cold: bool = ::redis::cmd("EXISTS")
+            .arg(format!("{base}:cold"))
+            .query_async(&mut raw)
+            .await
+            .unwrap();
         assert!(!cold);
         assert_eq!(a.get("k").await.unwrap().as_deref(), Some(&message(2)));
         delete_prefix(&prefix).await;
@@ -342,7 +441,9 @@ mod redis {
         let b = cache(&redis, config(&prefix, "msgs", true)).await;
         let tagged = EntryOptions::new().tags(["user:1", "conv:7"]);
         a.set("x", message(1), &tagged).await.unwrap();
-        a.set("y", message(2), &EntryOptions::new().tags(["user:2"])).await.unwrap();
+        a.set("y", message(2), &EntryOptions::new().tags(["user:2"]))
+            .await
+            .unwrap();
         b.invalidate_tags(&["conv:7"]).await.unwrap();
         assert!(a.get("x").await.unwrap().is_none());
         assert!(a.get("y").await.unwrap().is_some());
@@ -359,7 +460,10 @@ mod redis {
         assert!(a.get("y").await.unwrap().is_none());
         // Another named cache on the same prefix is untouched by this one's clear.
         let other = cache(&redis, config(&prefix, "other", false)).await;
-        other.set("y", message(3), &EntryOptions::new()).await.unwrap();
+        other
+            .set("y", message(3), &EntryOptions::new())
+            .await
+            .unwrap();
         b.clear().await.unwrap();
         assert!(other.get("y").await.unwrap().is_some());
         delete_prefix(&prefix).await;
@@ -370,19 +474,32 @@ mod redis {
         let Some(redis) = connect().await else { return };
         let prefix = unique_prefix("promo");
         let a = cache(&redis, config(&prefix, "msgs", false)).await;
-        a.set("k", message(1), &EntryOptions::new().tier("cold")).await.unwrap();
+        a.set("k", message(1), &EntryOptions::new().tier("cold"))
+            .await
+            .unwrap();
         for _ in 0..3 {
             a.get("k").await.unwrap().unwrap();
         }
         assert_eq!(a.stats().tier("hot").unwrap().promotions, 1);
         let mut raw = raw().await;
         let hot = format!("{prefix}:msgs:{{k}}:hot");
-        let pttl: i64 = ::redis::cmd("PTTL").arg(&hot).query_async(&mut raw).await.unwrap();
-        assert!(pttl > 0 && pttl <= 300_000, "a hot copy lives at most the hot TTL: {pttl}");
+        let pttl: i64 = ::redis::cmd("PTTL")
+            .arg(&hot)
+            .query_async(&mut raw)
+            .await
+            .unwrap();
+        assert!(
+            pttl > 0 && pttl <= 300_000,
+            "a hot copy lives at most the hot TTL: {pttl}"
+        );
         a.get("k").await.unwrap().unwrap();
         assert_eq!(a.stats().tier("hot").unwrap().hits, 1);
         // The hot copy expires (deleted here, as expiry would): the entry stays home.
-        let _: () = ::redis::cmd("DEL").arg(&hot).query_async(&mut raw).await.unwrap();
+        let _: () = ::redis::cmd("DEL")
+            .arg(&hot)
+            .query_async(&mut raw)
+            .await
+            .unwrap();
         assert_eq!(a.get("k").await.unwrap().as_deref(), Some(&message(1)));
         let stats = a.stats();
         assert_eq!(stats.tier("hot").unwrap().demotions, 1);
@@ -397,12 +514,19 @@ mod redis {
         let writer = cache(&redis, config(&prefix, "msgs", false)).await;
         let reader = cache(&redis, config(&prefix, "msgs", true)).await;
         writer
-            .set("short", message(1), &EntryOptions::new().ttl(Duration::from_millis(300)))
+            .set(
+                "short",
+                message(1),
+                &EntryOptions::new().ttl(Duration::from_millis(300)),
+            )
             .await
             .unwrap();
         assert!(reader.get("short").await.unwrap().is_some());
         tokio::time::sleep(Duration::from_millis(700)).await;
-        assert!(reader.get("short").await.unwrap().is_none(), "L0 kept the value past its Redis TTL");
+        assert!(
+            reader.get("short").await.unwrap().is_none(),
+            "L0 kept the value past its Redis TTL"
+        );
         delete_prefix(&prefix).await;
     }
 
@@ -415,7 +539,10 @@ mod redis {
             id: 9,
             text: "compressible ".repeat(400),
         };
-        cache.set("good", big.clone(), &EntryOptions::new()).await.unwrap();
+        cache
+            .set("good", big.clone(), &EntryOptions::new())
+            .await
+            .unwrap();
         let mut raw = raw().await;
         let good: Vec<u8> = ::redis::cmd("GET")
             .arg(format!("{prefix}:msgs:{{good}}:warm"))
@@ -433,9 +560,18 @@ mod redis {
         ];
         for (key, bytes) in &cases {
             let redis_key = format!("{prefix}:msgs:{{{key}}}:warm");
-            let _: () = ::redis::cmd("SET").arg(&redis_key).arg(bytes).arg("PX").arg(60_000).query_async(&mut raw).await.unwrap();
+            let _: () = ::redis::cmd("SET")
+                .arg(&redis_key)
+                .arg(bytes)
+                .arg("PX")
+                .arg(60_000)
+                .query_async(&mut raw)
+                .await
+                .unwrap();
             let loaded = cache
-                .get_or_load(key, &EntryOptions::new(), || async { Ok::<_, std::io::Error>(message(1)) })
+                .get_or_load(key, &EntryOptions::new(), || async {
+                    Ok::<_, std::io::Error>(message(1))
+                })
                 .await
                 .unwrap();
             assert_eq!(*loaded, message(1), "{key}: the loader answered");
@@ -443,7 +579,11 @@ mod redis {
         assert_eq!(cache.stats().corrupt_entries, cases.len() as u64);
         // Each corrupt copy was deleted, and the loader's value written in its place.
         for (key, _) in &cases {
-            assert_eq!(cache.get(key).await.unwrap().as_deref(), Some(&message(1)), "{key}");
+            assert_eq!(
+                cache.get(key).await.unwrap().as_deref(),
+                Some(&message(1)),
+                "{key}"
+            );
         }
         assert_eq!(cache.get("good").await.unwrap().as_deref(), Some(&big));
         delete_prefix(&prefix).await;
@@ -456,19 +596,31 @@ mod redis {
         let cache = cache(&redis, config(&prefix, "msgs", false)).await;
         let keys = ["}", "{", "a}:hot", "%7D", "x{y}z"];
         for (i, key) in keys.iter().enumerate() {
-            cache.set(key, message(i as u64), &EntryOptions::new()).await.unwrap();
+            cache
+                .set(key, message(i as u64), &EntryOptions::new())
+                .await
+                .unwrap();
         }
         for (i, key) in keys.iter().enumerate() {
-            assert_eq!(cache.get(key).await.unwrap().as_deref(), Some(&message(i as u64)), "{key}");
+            assert_eq!(
+                cache.get(key).await.unwrap().as_deref(),
+                Some(&message(i as u64)),
+                "{key}"
+            );
         }
         let mut raw = raw().await;
-        let stored: Vec<String> = ::redis::cmd("KEYS").arg(format!("{prefix}:*")).query_async(&mut raw).await.unwrap();
+        let stored: Vec<String> = ::redis::cmd("KEYS")
+            .arg(format!("{prefix}:*"))
+            .query_async(&mut raw)
+            .await
+            .unwrap();
         // One copy in the home tier, plus the read counter of a lower-tier entry, per key.
         assert_eq!(stored.len(), 2 * keys.len(), "{stored:?}");
         assert!(
             stored
                 .iter()
-                .all(|k| k.starts_with(&format!("{prefix}:msgs:{{")) && (k.ends_with("}:warm") || k.ends_with("}:#"))),
+                .all(|k| k.starts_with(&format!("{prefix}:msgs:{{"))
+                    && (k.ends_with("}:warm") || k.ends_with("}:#"))),
             "{stored:?}"
         );
         delete_prefix(&prefix).await;
@@ -476,62 +628,96 @@ mod redis {
 
     #[tokio::test]
     async fn a_closed_port_degrades_to_l0_and_the_loader_within_the_timeout() {
-        let mut redis_config = RedisConfig::new(format!("redis://127.0.0.1:{}", super::support::free_port()));
+        let mut redis_config =
+            RedisConfig::new(format!("redis://127.0.0.1:{}", super::support::free_port()));
         redis_config.op_timeout = Duration::from_millis(100);
         let connection = RedisConnection::lazy(&redis_config).unwrap();
         let cache = cache(&connection, config("pkt-closed", "msgs", true)).await;
         let started = Instant::now();
         let value = cache
-            .get_or_load("k", &EntryOptions::new(), || async { Ok::<_, std::io::Error>(message(1)) })
+            .get_or_load("k", &EntryOptions::new(), || async {
+                Ok::<_, std::io::Error>(message(1))
+            })
             .await
             .unwrap();
         assert_eq!(*value, message(1));
         // From L0 now, without touching Redis.
         assert_eq!(cache.get("k").await.unwrap().as_deref(), Some(&message(1)));
-        assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "took {:?}",
+            started.elapsed()
+        );
         let stats = cache.stats();
-        assert!(stats.backend_errors >= 2, "probe and write failures are counted: {stats:?}");
+        assert!(
+            stats.backend_errors >= 2,
+            "probe and write failures are counted: {stats:?}"
+        );
         assert!(stats.backend_failing);
         // Writes report the failure to the caller.
-        let err = cache.set("k2", message(2), &EntryOptions::new()).await.unwrap_err();
+        let err = cache
+            .set("k2", message(2), &EntryOptions::new())
+            .await
+            .unwrap_err();
         assert!(err.is_backend(), "{err}");
     }
 
     #[tokio::test]
     async fn a_killed_redis_degrades_then_is_used_again_after_restart() {
-        let Some(mut server) = PrivateRedis::start() else { return };
+        let Some(mut server) = PrivateRedis::start() else {
+            return;
+        };
         let mut redis_config = RedisConfig::new(server.url());
         redis_config.op_timeout = Duration::from_millis(200);
         let connection = RedisConnection::lazy(&redis_config).unwrap();
         let prefix = unique_prefix("killed");
         let with_l0 = cache(&connection, config(&prefix, "msgs", true)).await;
         let without_l0 = cache(&connection, config(&prefix, "msgs", false)).await;
-        with_l0.set("k", message(1), &EntryOptions::new()).await.unwrap();
+        with_l0
+            .set("k", message(1), &EntryOptions::new())
+            .await
+            .unwrap();
         assert!(without_l0.get("k").await.unwrap().is_some());
 
         server.kill();
         let started = Instant::now();
         // L0 still answers; the L0-less instance falls back to its loader.
-        assert_eq!(with_l0.get("k").await.unwrap().as_deref(), Some(&message(1)));
+        assert_eq!(
+            with_l0.get("k").await.unwrap().as_deref(),
+            Some(&message(1))
+        );
         let loaded = without_l0
-            .get_or_load("k", &EntryOptions::new(), || async { Ok::<_, std::io::Error>(message(2)) })
+            .get_or_load("k", &EntryOptions::new(), || async {
+                Ok::<_, std::io::Error>(message(2))
+            })
             .await
             .unwrap();
         assert_eq!(*loaded, message(2));
-        assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "took {:?}",
+            started.elapsed()
+        );
         assert!(without_l0.stats().backend_errors >= 1);
 
         server.restart();
         // The same instances use Redis again once it answers, without being rebuilt.
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if with_l0.set("k3", message(3), &EntryOptions::new()).await.is_ok() {
+            if with_l0
+                .set("k3", message(3), &EntryOptions::new())
+                .await
+                .is_ok()
+            {
                 break;
             }
             assert!(Instant::now() < deadline, "the cache never reconnected");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        assert_eq!(without_l0.get("k3").await.unwrap().as_deref(), Some(&message(3)));
+        assert_eq!(
+            without_l0.get("k3").await.unwrap().as_deref(),
+            Some(&message(3))
+        );
         assert!(!without_l0.stats().backend_failing);
     }
 }

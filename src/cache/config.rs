@@ -86,12 +86,18 @@ impl TieredConfig {
         check_name("cache name", &self.name)?;
         check_name("key prefix", &self.key_prefix)?;
         if self.tiers.is_empty() {
-            return Err(Error::invalid("tiers", "at least one shared tier is needed"));
+            return Err(Error::invalid(
+                "tiers",
+                "at least one shared tier is needed",
+            ));
         }
         for (i, tier) in self.tiers.iter().enumerate() {
             check_name("tier name", &tier.name)?;
             if self.tiers[..i].iter().any(|t| t.name == tier.name) {
-                return Err(Error::invalid("tiers", format!("tier {:?} is listed twice", tier.name)));
+                return Err(Error::invalid(
+                    "tiers",
+                    format!("tier {:?} is listed twice", tier.name),
+                ));
             }
             if tier.ttl.is_zero() || tier.ttl > self.max_ttl {
                 return Err(Error::invalid(
@@ -105,7 +111,10 @@ impl TieredConfig {
         }
         self.tier_index(&self.default_tier)?;
         if self.l0.enabled && (self.l0.ttl.is_zero() || self.l0.max_bytes == 0) {
-            return Err(Error::invalid("l0", "an enabled L0 needs a ttl and max_bytes above zero"));
+            return Err(Error::invalid(
+                "l0",
+                "an enabled L0 needs a ttl and max_bytes above zero",
+            ));
         }
         if self.max_tag_bytes == 0 || self.max_tag_bytes > MAX_TAG_LEN {
             return Err(Error::invalid(
@@ -116,7 +125,10 @@ impl TieredConfig {
         if self.max_tags > MAX_TAGS {
             return Err(Error::invalid(
                 "max_tags",
-                format!("{} is over the envelope's limit of {MAX_TAGS}", self.max_tags),
+                format!(
+                    "{} is over the envelope's limit of {MAX_TAGS}",
+                    self.max_tags
+                ),
             ));
         }
         if self.max_key_bytes == 0 || self.max_value_bytes == 0 || self.max_ttl.is_zero() {
@@ -126,20 +138,29 @@ impl TieredConfig {
             ));
         }
         if self.promotion.reads > 0 && self.promotion.window.is_zero() {
-            return Err(Error::invalid("promotion", "a promotion window must be above zero"));
+            return Err(Error::invalid(
+                "promotion",
+                "a promotion window must be above zero",
+            ));
         }
         Ok(())
     }
 
     /// The index of the tier called `name`.
     pub(crate) fn tier_index(&self, name: &str) -> Result<usize> {
-        self.tiers.iter().position(|t| t.name == name).ok_or_else(|| {
-            let names: Vec<&str> = self.tiers.iter().map(|t| t.name.as_str()).collect();
-            Error::invalid(
-                "tier",
-                format!("{:?} is not one of this cache's tiers {names:?}", crate::error::excerpt(name)),
-            )
-        })
+        self.tiers
+            .iter()
+            .position(|t| t.name == name)
+            .ok_or_else(|| {
+                let names: Vec<&str> = self.tiers.iter().map(|t| t.name.as_str()).collect();
+                Error::invalid(
+                    "tier",
+                    format!(
+                        "{:?} is not one of this cache's tiers {names:?}",
+                        crate::error::excerpt(name)
+                    ),
+                )
+            })
     }
 
     pub(crate) fn encode_options(&self) -> EncodeOptions {
@@ -296,10 +317,18 @@ mod tests {
         c = TieredConfig::default();
         c.default_tier = "lukewarm".into();
         let err = c.validate().unwrap_err().to_string();
-        assert!(err.contains("\"lukewarm\" is not one of this cache's tiers"), "{err}");
+        assert!(
+            err.contains("\"lukewarm\" is not one of this cache's tiers"),
+            "{err}"
+        );
         c = TieredConfig::default();
         c.tiers.push(TierConfig::new("hot", Duration::from_secs(1)));
-        assert!(c.validate().unwrap_err().to_string().contains("listed twice"));
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("listed twice")
+        );
         c = TieredConfig::default();
         c.max_tag_bytes = 300;
         assert!(c.validate().is_err());

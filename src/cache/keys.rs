@@ -13,7 +13,11 @@ pub(crate) fn check_key(key: &str, max_bytes: usize) -> Result<()> {
     if key.len() > max_bytes {
         return Err(Error::invalid(
             "cache key",
-            format!("{:?} is {} bytes, over the limit of {max_bytes}", excerpt(key), key.len()),
+            format!(
+                "{:?} is {} bytes, over the limit of {max_bytes}",
+                excerpt(key),
+                key.len()
+            ),
         ));
     }
     Ok(())
@@ -21,11 +25,18 @@ pub(crate) fn check_key(key: &str, max_bytes: usize) -> Result<()> {
 
 /// Checks an entry's or an invalidation's tags: each not empty and at most `max_bytes`
 /// bytes, and at most `max_count` of them.
-pub(crate) fn check_tags<S: AsRef<str>>(tags: &[S], max_bytes: usize, max_count: usize) -> Result<()> {
+pub(crate) fn check_tags<S: AsRef<str>>(
+    tags: &[S],
+    max_bytes: usize,
+    max_count: usize,
+) -> Result<()> {
     if tags.len() > max_count {
         return Err(Error::invalid(
             "tags",
-            format!("{} tags, over the limit of {max_count} per call", tags.len()),
+            format!(
+                "{} tags, over the limit of {max_count} per call",
+                tags.len()
+            ),
         ));
     }
     for tag in tags {
@@ -36,7 +47,11 @@ pub(crate) fn check_tags<S: AsRef<str>>(tags: &[S], max_bytes: usize, max_count:
         if tag.len() > max_bytes {
             return Err(Error::invalid(
                 "tag",
-                format!("{:?} is {} bytes, over the limit of {max_bytes}", excerpt(tag), tag.len()),
+                format!(
+                    "{:?} is {} bytes, over the limit of {max_bytes}",
+                    excerpt(tag),
+                    tag.len()
+                ),
             ));
         }
     }
@@ -48,13 +63,18 @@ pub(crate) fn check_tags<S: AsRef<str>>(tags: &[S], max_bytes: usize, max_count:
 pub(crate) fn check_name(what: &'static str, name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && name.len() <= 64
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
     if ok {
         Ok(())
     } else {
         Err(Error::invalid(
             what,
-            format!("{:?} must be 1 to 64 characters out of A-Z a-z 0-9 _ - .", excerpt(name)),
+            format!(
+                "{:?} must be 1 to 64 characters out of A-Z a-z 0-9 _ - .",
+                excerpt(name)
+            ),
         ))
     }
 }
@@ -128,7 +148,10 @@ mod tests {
         let err = check_key("", 512).unwrap_err();
         assert!(err.to_string().contains("empty"), "{err}");
         let err = check_key(&"k".repeat(513), 512).unwrap_err();
-        assert!(err.to_string().contains("513 bytes, over the limit of 512"), "{err}");
+        assert!(
+            err.to_string().contains("513 bytes, over the limit of 512"),
+            "{err}"
+        );
     }
 
     #[test]

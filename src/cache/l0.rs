@@ -42,7 +42,13 @@ impl<V> Expiry<String, L0Entry<V>> for EntryTtl {
         Some(entry.ttl)
     }
 
-    fn expire_after_update(&self, _: &String, entry: &L0Entry<V>, _: Instant, _: Option<Duration>) -> Option<Duration> {
+    fn expire_after_update(
+        &self,
+        _: &String,
+        entry: &L0Entry<V>,
+        _: Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
         Some(entry.ttl)
     }
 }
@@ -186,7 +192,10 @@ mod tests {
         stamps.record_tags(&["user:1"], 100);
         assert!(stamps.is_stale(100, Some(&tags)));
         assert!(!stamps.is_stale(101, Some(&tags)));
-        assert!(!stamps.is_stale(50, None), "untagged entries ignore tag stamps");
+        assert!(
+            !stamps.is_stale(50, None),
+            "untagged entries ignore tag stamps"
+        );
         stamps.record_clear(200);
         assert!(stamps.is_stale(150, None));
         assert!(!stamps.is_stale(201, Some(&tags)));

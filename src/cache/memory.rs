@@ -27,7 +27,13 @@ impl Expiry<String, Stored> for StoredExpiry {
         Some(value.expires_at.saturating_duration_since(now))
     }
 
-    fn expire_after_update(&self, _: &String, value: &Stored, now: Instant, _: Option<Duration>) -> Option<Duration> {
+    fn expire_after_update(
+        &self,
+        _: &String,
+        value: &Stored,
+        now: Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
         Some(value.expires_at.saturating_duration_since(now))
     }
 }
@@ -54,7 +60,14 @@ impl std::fmt::Debug for MemoryTiers {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MemoryTiers")
             .field("tiers", &self.tiers.len())
-            .field("entries", &self.tiers.iter().map(|t| t.entry_count()).collect::<Vec<_>>())
+            .field(
+                "entries",
+                &self
+                    .tiers
+                    .iter()
+                    .map(|t| t.entry_count())
+                    .collect::<Vec<_>>(),
+            )
             .finish()
     }
 }
@@ -220,10 +233,12 @@ impl TierStore for MemoryTiers {
     }
 
     async fn remove_if_unchanged(&self, key: &str, tier: usize, envelope: &[u8]) -> Result<()> {
-        if let Some(tier) = self.tiers.get(tier) {
-            if tier.get(key).is_some_and(|s| s.envelope.as_slice() == envelope) {
-                tier.invalidate(key);
-            }
+        if let Some(tier) = self.tiers.get(tier)
+            && tier
+                .get(key)
+                .is_some_and(|s| s.envelope.as_slice() == envelope)
+        {
+            tier.invalidate(key);
         }
         Ok(())
     }

@@ -403,7 +403,8 @@ impl RedisTiers {
         let stamp_at = |values: &[Value], slot: usize| stamp(&values[keys.len() * tiers + slot]);
         probe.now_us = now;
         probe.clear_us = probe.clear_us.max(stamp_at(&values, 0));
-        let counts: HashMap<usize, (bool, bool)> = counted.into_iter().zip(reply.map(count_flags)).collect();
+        let counts: HashMap<usize, (bool, bool)> =
+            counted.into_iter().zip(reply.map(count_flags)).collect();
         let mut surprises = Vec::new();
         let mut moved = Vec::new();
         let first = probe.found.len();
@@ -419,7 +420,11 @@ impl RedisTiers {
             let tags = codec::header(&envelope).map(|h| h.tags).unwrap_or_default();
             let stamps: Option<Vec<u64>> = tags
                 .iter()
-                .map(|tag| tag_slots.get(tag.as_str()).map(|&slot| stamp_at(&values, 1 + slot)))
+                .map(|tag| {
+                    tag_slots
+                        .get(tag.as_str())
+                        .map(|&slot| stamp_at(&values, 1 + slot))
+                })
                 .collect();
             let Some(tag_stamps) = stamps else {
                 // The entry's tags changed since it was seen: their stamps were not fetched.
@@ -451,7 +456,9 @@ impl RedisTiers {
                 .connection
                 .pipeline_with_scripts("count read", &pipeline, &[&COUNT])
                 .await?;
-            for (i, (promoted, demoted)) in moved.into_iter().zip(replies.into_iter().map(count_flags)) {
+            for (i, (promoted, demoted)) in
+                moved.into_iter().zip(replies.into_iter().map(count_flags))
+            {
                 if let Some(found) = probe.found[first + i].as_mut() {
                     found.promoted = promoted;
                     found.demoted = demoted;
@@ -498,7 +505,10 @@ fn parse_time(reply: Option<Value>) -> Option<u64> {
 /// A stamp key's value as µs; 0 when absent or unreadable.
 fn stamp(value: &Value) -> u64 {
     match value {
-        Value::BulkString(b) => std::str::from_utf8(b).ok().and_then(|s| s.parse().ok()).unwrap_or(0),
+        Value::BulkString(b) => std::str::from_utf8(b)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0),
         Value::Int(i) => (*i).max(0) as u64,
         _ => 0,
     }
@@ -528,8 +538,16 @@ fn parse_probe(reply: Value, keys: usize, tiers: usize, probe: &mut Probe) -> Re
         return Err(malformed("wrong number of entries"));
     }
     let mut items = items.into_iter();
-    let now = items.next().as_ref().and_then(int).ok_or_else(|| malformed("no clock"))?;
-    let clear = items.next().as_ref().and_then(int).ok_or_else(|| malformed("no clear stamp"))?;
+    let now = items
+        .next()
+        .as_ref()
+        .and_then(int)
+        .ok_or_else(|| malformed("no clock"))?;
+    let clear = items
+        .next()
+        .as_ref()
+        .and_then(int)
+        .ok_or_else(|| malformed("no clear stamp"))?;
     probe.now_us = now.max(0) as u64;
     probe.clear_us = probe.clear_us.max(clear.max(0) as u64);
     for item in items {
@@ -538,8 +556,15 @@ fn parse_probe(reply: Value, keys: usize, tiers: usize, probe: &mut Probe) -> Re
             continue;
         };
         let mut fields = fields.into_iter();
-        let tier = fields.next().as_ref().and_then(int).ok_or_else(|| malformed("no tier"))?;
-        let tier = usize::try_from(tier).ok().filter(|&t| t < tiers).ok_or_else(|| malformed("tier out of range"))?;
+        let tier = fields
+            .next()
+            .as_ref()
+            .and_then(int)
+            .ok_or_else(|| malformed("no tier"))?;
+        let tier = usize::try_from(tier)
+            .ok()
+            .filter(|&t| t < tiers)
+            .ok_or_else(|| malformed("tier out of range"))?;
         let envelope = match fields.next() {
             Some(Value::BulkString(bytes)) => bytes,
             _ => return Err(malformed("no envelope")),
@@ -603,7 +628,11 @@ impl TierStore for RedisTiers {
         let mut pipeline = ::redis::pipe();
         for key in keys {
             let entry = self.layout.entry(key);
-            let mut names: Vec<String> = self.tier_names.iter().map(|t| KeyLayout::tier_key(&entry, t)).collect();
+            let mut names: Vec<String> = self
+                .tier_names
+                .iter()
+                .map(|t| KeyLayout::tier_key(&entry, t))
+                .collect();
             names.push(KeyLayout::tier_key(&entry, "#"));
             pipeline.del(names).ignore();
         }
@@ -618,7 +647,10 @@ impl TierStore for RedisTiers {
         invocation
             .key(KeyLayout::tier_key(&self.layout.entry(key), tier))
             .arg(envelope);
-        let _: i64 = self.connection.run_script("remove corrupt entry", &invocation).await?;
+        let _: i64 = self
+            .connection
+            .run_script("remove corrupt entry", &invocation)
+            .await?;
         Ok(())
     }
 
@@ -628,7 +660,9 @@ impl TierStore for RedisTiers {
             invocation.key(format!("{}{tag}", self.tag_prefix));
         }
         invocation.arg(self.stamp_retention_ms);
-        self.connection.run_script("invalidate tags", &invocation).await
+        self.connection
+            .run_script("invalidate tags", &invocation)
+            .await
     }
 
     async fn clear(&self) -> Result<u64> {
@@ -662,7 +696,10 @@ mod tests {
         assert_eq!((probe.now_us, probe.clear_us), (1_000, 5));
         assert_eq!(probe.found[0], None);
         let found = probe.found[1].as_ref().unwrap();
-        assert_eq!((found.tier, found.promoted, found.demoted), (2, true, false));
+        assert_eq!(
+            (found.tier, found.promoted, found.demoted),
+            (2, true, false)
+        );
         assert_eq!(found.tag_stamps, [900, 0]);
     }
 

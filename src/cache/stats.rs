@@ -98,7 +98,10 @@ impl CacheTally {
         let errors = |kind: &'static str| {
             Tally::new(
                 "pupkit_cache_errors_total",
-                vec![Label::new("cache", cache.to_owned()), Label::new("kind", kind)],
+                vec![
+                    Label::new("cache", cache.to_owned()),
+                    Label::new("kind", kind),
+                ],
             )
         };
         CacheTally {
@@ -135,7 +138,9 @@ impl CacheTally {
 
     /// Notes a backend success; logs when the backend recovers.
     pub(crate) fn backend_ok(&self, backend: &str) {
-        if self.backend_failing.load(Ordering::Relaxed) && self.backend_failing.swap(false, Ordering::Relaxed) {
+        if self.backend_failing.load(Ordering::Relaxed)
+            && self.backend_failing.swap(false, Ordering::Relaxed)
+        {
             tracing::info!(cache = %self.name, backend, "shared cache tiers answering again");
         }
     }
@@ -163,7 +168,11 @@ impl CacheTally {
 }
 
 fn ratio(part: u64, whole: u64) -> f64 {
-    if whole == 0 { 0.0 } else { part as f64 / whole as f64 }
+    if whole == 0 {
+        0.0
+    } else {
+        part as f64 / whole as f64
+    }
 }
 
 /// An error and its sources on one line.

@@ -47,7 +47,12 @@ pub trait TieredCache<V: Send + Sync + 'static>: Send + Sync {
     async fn get_many(&self, keys: &[&str]) -> Result<Vec<Option<Arc<V>>>>;
 
     /// The value under `key`, or the loader's value, which is then cached with `options`.
-    async fn get_or_load(&self, key: &str, options: &EntryOptions, loader: Loader<V>) -> Result<Arc<V>>;
+    async fn get_or_load(
+        &self,
+        key: &str,
+        options: &EntryOptions,
+        loader: Loader<V>,
+    ) -> Result<Arc<V>>;
 
     /// The values under `keys`; the loader is called once with only the missing keys.
     async fn get_or_load_many(
@@ -128,7 +133,9 @@ pub struct TieredBuilder<V> {
 
 enum StoreChoice {
     None,
-    Memory { max_bytes_per_tier: u64 },
+    Memory {
+        max_bytes_per_tier: u64,
+    },
     Custom(Arc<dyn TierStore>),
     #[cfg(feature = "redis")]
     Redis(crate::redis::RedisConnection),
@@ -169,7 +176,9 @@ where
             }
             StoreChoice::Custom(store) => Some(store),
             #[cfg(feature = "redis")]
-            StoreChoice::Redis(connection) => Some(Arc::new(super::redis::RedisTiers::new(connection, &config))),
+            StoreChoice::Redis(connection) => {
+                Some(Arc::new(super::redis::RedisTiers::new(connection, &config)))
+            }
         };
         if store.is_none() && !config.l0.enabled {
             return Err(Error::invalid(
@@ -290,7 +299,12 @@ where
     ///
     /// Options are checked before the loader runs. If the loaded value cannot be cached (too
     /// large, or the shared tiers are down) it is still returned, and the failure counted.
-    pub async fn get_or_load<F, Fut, E>(&self, key: &str, options: &EntryOptions, loader: F) -> Result<Arc<V>>
+    pub async fn get_or_load<F, Fut, E>(
+        &self,
+        key: &str,
+        options: &EntryOptions,
+        loader: F,
+    ) -> Result<Arc<V>>
     where
         F: FnOnce() -> Fut + Send,
         Fut: Future<Output = Result<V, E>> + Send,
@@ -415,10 +429,10 @@ where
             },
             None => (self.store_clock_estimate(), Ok(())),
         };
-        if inner.stamps.record_tags(tags, stamp) {
-            if let Some(l0) = &inner.l0 {
-                l0.invalidate_all();
-            }
+        if inner.stamps.record_tags(tags, stamp)
+            && let Some(l0) = &inner.l0
+        {
+            l0.invalidate_all();
         }
         result
     }
@@ -457,13 +471,21 @@ where
         if ttl.is_zero() || ttl > config.max_ttl {
             return Err(Error::invalid(
                 "ttl",
-                format!("{ttl:?} must be above zero and at most max_ttl {:?}", config.max_ttl),
+                format!(
+                    "{ttl:?} must be above zero and at most max_ttl {:?}",
+                    config.max_ttl
+                ),
             ));
         }
         Ok((tier, ttl))
     }
 
-    fn prepare<'k>(&self, key: &'k str, value: Arc<V>, options: &EntryOptions) -> Result<Prepared<'k, V>> {
+    fn prepare<'k>(
+        &self,
+        key: &'k str,
+        value: Arc<V>,
+        options: &EntryOptions,
+    ) -> Result<Prepared<'k, V>> {
         check_key(key, self.inner.config.max_key_bytes)?;
         let (tier, ttl) = self.check_options(options)?;
         let encoded = codec::encode(key, &*value, &options.tags, &self.inner.encode)?;
@@ -503,8 +525,16 @@ where
         };
         if let Some(l0) = &inner.l0 {
             for (key, value, ttl, len) in l0_inserts {
-                l0.insert(key, value, created_us, &options.tags, ttl, len, &inner.stamps)
-                    .await;
+                l0.insert(
+                    key,
+                    value,
+                    created_us,
+                    &options.tags,
+                    ttl,
+                    len,
+                    &inner.stamps,
+                )
+                .await;
             }
         }
         result
@@ -549,7 +579,10 @@ where
         let mut out = Vec::with_capacity(keys.len());
         for (key, found) in keys.iter().zip(found) {
             let value = match found {
-                Some(found) => self.accept(store.as_ref(), key, found, now_us, clear_us).await,
+                Some(found) => {
+                    self.accept(store.as_ref(), key, found, now_us, clear_us)
+                        .await
+                }
                 None => {
                     inner.tally.tiers[1..].iter().for_each(|t| t.misses.add(1));
                     None
@@ -561,7 +594,14 @@ where
     }
 
     /// Decodes and checks one found entry; counts hits, misses, promotions and demotions.
-    async fn accept(&self, store: &dyn TierStore, key: &str, found: Found, now_us: u64, clear_us: u64) -> Option<Arc<V>> {
+    async fn accept(
+        &self,
+        store: &dyn TierStore,
+        key: &str,
+        found: Found,
+        now_us: u64,
+        clear_us: u64,
+    ) -> Option<Arc<V>> {
         let inner = &*self.inner;
         let count_misses_through = |last: usize| {
             for tier in 0..=last.min(inner.config.tiers.len() - 1) {
@@ -573,7 +613,9 @@ where
             Err(error) => {
                 inner.tally.corrupt_entries.add(1);
                 tracing::warn!(cache = %inner.config.name, key = %excerpt(key), tier = %inner.config.tiers[found.tier].name, error = %error_chain(&error), "dropping an entry that does not decode");
-                let removed = store.remove_if_unchanged(key, found.tier, &found.envelope).await;
+                let removed = store
+                    .remove_if_unchanged(key, found.tier, &found.envelope)
+                    .await;
                 let _ = self.track(store.backend(), removed);
                 count_misses_through(usize::MAX);
                 return None;
@@ -654,7 +696,12 @@ where
         Tiered::get_many(self, keys).await
     }
 
-    async fn get_or_load(&self, key: &str, options: &EntryOptions, loader: Loader<V>) -> Result<Arc<V>> {
+    async fn get_or_load(
+        &self,
+        key: &str,
+        options: &EntryOptions,
+        loader: Loader<V>,
+    ) -> Result<Arc<V>> {
         Tiered::get_or_load(self, key, options, loader).await
     }
 

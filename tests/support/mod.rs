@@ -23,7 +23,9 @@ pub fn unavailable(service: &str, why: &str) {
     if services_required() {
         panic!("{service} is required (PUPKIT_REQUIRE_SERVICES=1) but unavailable: {why}");
     }
-    eprintln!("\n*** SKIPPED: {service} unavailable ({why}); set PUPKIT_REQUIRE_SERVICES=1 to fail instead ***\n");
+    eprintln!(
+        "\n*** SKIPPED: {service} unavailable ({why}); set PUPKIT_REQUIRE_SERVICES=1 to fail instead ***\n"
+    );
 }
 
 /// A key prefix no other test (or run) uses.
@@ -33,7 +35,11 @@ pub fn unique_prefix(test: &str) -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
         .unwrap_or(0);
-    let test: String = test.chars().filter(|c| c.is_ascii_alphanumeric()).take(20).collect();
+    let test: String = test
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .take(20)
+        .collect();
     format!(
         "pkt-{test}-{}-{nanos}-{}",
         std::process::id(),
@@ -90,7 +96,11 @@ pub mod redis {
                 .await
                 .expect("scan");
             if !keys.is_empty() {
-                let _: () = ::redis::cmd("DEL").arg(keys).query_async(&mut conn).await.expect("del");
+                let _: () = ::redis::cmd("DEL")
+                    .arg(keys)
+                    .query_async(&mut conn)
+                    .await
+                    .expect("del");
             }
             if next == 0 {
                 break;
@@ -127,7 +137,16 @@ pub mod redis {
 
         fn spawn(&mut self) -> Result<(), String> {
             let child = Command::new("redis-server")
-                .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+                .args([
+                    "--port",
+                    &self.port.to_string(),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
@@ -140,7 +159,10 @@ pub mod redis {
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
-            Err(format!("redis-server did not listen on port {} within 10 s", self.port))
+            Err(format!(
+                "redis-server did not listen on port {} within 10 s",
+                self.port
+            ))
         }
 
         /// Kills the server (SIGKILL) and waits for it to exit.

@@ -1,0 +1,78 @@
+//! The main flow with no services: a tiered cache on in-process tiers, with get_or_load,
+//! tags, promotion and stats.
+//!
+//! `cargo run --example quickstart`
+
+use std::time::Duration;
+
+use pupkit::cache::{EntryOptions, Tiered, TieredConfig};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Profile {
+    user_id: String,
+    name: String,
+    plan: String,
+}
+
+/// Stands in for a database query.
+async fn load_profile(user_id: &str) -> Result<Profile, std::io::Error> {
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    Ok(Profile {
+        user_id: user_id.to_owned(),
+        name: format!("User {user_id}"),
+        plan: "pro".to_owned(),
+    })
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> pupkit::Result<()> {
+    // L0 (moka) in front of in-process hot/warm/cold tiers; with the `redis` feature,
+    // `.redis(connection)` puts the shared tiers in Redis instead.
+    let profiles: Tiered<Profile> = Tiered::builder(TieredConfig::named("profiles"))
+        .memory_tiers(64 << 20)
+        .build()?;
+
+    let options = EntryOptions::new()
+        .tier("warm")
+        .ttl(Duration::from_secs(3600))
+        .tags(["user:42"]);
+    for attempt in 1..=3 {
+        let started = std::time::Instant::now();
+        let profile = profiles
+            .get_or_load("profile:42", &options, || load_profile("42"))
+            .await?;
+        println!(
+            "read {attempt}: {} ({} plan) in {:?}",
+            profile.name,
+            profile.plan,
+            started.elapsed()
+        );
+    }
+
+    // A profile update invalidates everything tagged with the user: one timestamp, no scan.
+    profiles.invalidate_tags(&["user:42"]).await?;
+    let after = profiles.get("profile:42").await?;
+    println!(
+        "after invalidate_tags(user:42): {}",
+        if after.is_some() {
+            "still cached"
+        } else {
+            "gone"
+        }
+    );
+
+    let stats = profiles.stats();
+    println!(
+        "\nloader calls: {}, overall hit rate: {:.0}%",
+        stats.loader_calls,
+        stats.hit_rate * 100.0
+    );
+    for tier in &stats.tiers {
+        println!(
+            "  {:<5} hits {:>2}  misses {:>2}  promotions {}  bytes written {} -> {}",
+            tier.name, tier.hits, tier.misses, tier.promotions, tier.bytes_raw, tier.bytes_stored
+        );
+    }
+    Ok(())
+}
