@@ -456,6 +456,16 @@ mod redis {
             .await
             .unwrap();
         assert!(still_there);
+        // A key A has seen untagged is rewritten with a tag elsewhere and that tag invalidated:
+        // A's probe notices the changed tags and still honours the stamp.
+        a.set("z", message(4), &EntryOptions::new()).await.unwrap();
+        assert!(a.get("z").await.unwrap().is_some());
+        b.set("z", message(5), &EntryOptions::new().tags(["conv:8"]))
+            .await
+            .unwrap();
+        assert_eq!(a.get("z").await.unwrap().as_deref(), Some(&message(5)));
+        b.invalidate_tags(&["conv:8"]).await.unwrap();
+        assert!(a.get("z").await.unwrap().is_none());
         b.clear().await.unwrap();
         assert!(a.get("y").await.unwrap().is_none());
         // Another named cache on the same prefix is untouched by this one's clear.
