@@ -114,12 +114,18 @@ fn l0_hit(c: &mut Criterion) {
     group.finish();
 }
 
-fn redis_hit(c: &mut Criterion) {
+/// A runtime and a cache with L0 off, over Redis: every read is a Redis-tier read.
+fn redis_cache() -> (Runtime, Tiered<Message>) {
     let rt = Runtime::new().unwrap();
-    let cache: Tiered<Message> = Tiered::builder(config(false))
+    let cache = Tiered::builder(config(false))
         .redis(connection(&rt))
         .build()
         .unwrap();
+    (rt, cache)
+}
+
+fn redis_hit(c: &mut Criterion) {
+    let (rt, cache) = redis_cache();
     let mut raw = raw_connection(&rt);
     rt.block_on(cache.set("m:1", message(1), &EntryOptions::new().tier("hot")))
         .unwrap();
@@ -150,11 +156,7 @@ fn redis_hit(c: &mut Criterion) {
 }
 
 fn get_many_100(c: &mut Criterion) {
-    let rt = Runtime::new().unwrap();
-    let cache: Tiered<Message> = Tiered::builder(config(false))
-        .redis(connection(&rt))
-        .build()
-        .unwrap();
+    let (rt, cache) = redis_cache();
     let raw = raw_connection(&rt);
     let keys: Vec<String> = (0..100).map(|i| format!("many:{i}")).collect();
     let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
@@ -194,11 +196,7 @@ fn get_many_100(c: &mut Criterion) {
 fn concurrent_64(c: &mut Criterion) {
     const TASKS: usize = 64;
     const READS: usize = 16;
-    let rt = Runtime::new().unwrap();
-    let cache: Tiered<Message> = Tiered::builder(config(false))
-        .redis(connection(&rt))
-        .build()
-        .unwrap();
+    let (rt, cache) = redis_cache();
     let raw = raw_connection(&rt);
     rt.block_on(cache.set("m:1", message(1), &EntryOptions::new().tier("hot")))
         .unwrap();

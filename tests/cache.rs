@@ -91,6 +91,11 @@ async fn get_or_load_loads_once_then_serves_from_l0() {
     let stats = cache.stats();
     assert_eq!(stats.loader_calls, 1);
     assert_eq!(stats.tier("l0").unwrap().hits, 2);
+    assert!(
+        (stats.hit_rate - 2.0 / 3.0).abs() < 1e-9,
+        "{}",
+        stats.hit_rate
+    );
 }
 
 #[tokio::test]

@@ -145,11 +145,17 @@ impl CacheTally {
         }
     }
 
-    pub(crate) fn snapshot(&self, l0_entries: u64, l0_weighted_bytes: u64) -> CacheStats {
+    pub(crate) fn snapshot(
+        &self,
+        l0_enabled: bool,
+        l0_entries: u64,
+        l0_weighted_bytes: u64,
+    ) -> CacheStats {
         let tiers: Vec<TierStats> = self.tiers.iter().map(TierTally::snapshot).collect();
         let hits: u64 = tiers.iter().map(|t| t.hits).sum();
-        // Every lookup ends as a hit in one tier or a miss in the last one probed.
-        let lookups = hits + tiers.last().map_or(0, |t| t.misses);
+        // Every lookup starts in the first tier it probes: L0, or the hottest shared tier.
+        let first = &tiers[if l0_enabled { 0 } else { 1 }];
+        let lookups = first.hits + first.misses;
         CacheStats {
             name: self.name.clone(),
             hit_rate: ratio(hits, lookups),

@@ -457,7 +457,9 @@ where
     /// A snapshot of the counters.
     pub fn stats(&self) -> CacheStats {
         let (entries, bytes) = self.inner.l0.as_ref().map_or((0, 0), L0::size);
-        self.inner.tally.snapshot(entries, bytes)
+        self.inner
+            .tally
+            .snapshot(self.inner.l0.is_some(), entries, bytes)
     }
 
     fn check_options(&self, options: &EntryOptions) -> Result<(usize, Duration)> {
