@@ -357,6 +357,15 @@ fn mean_ns(group: &str, function: &str) -> Option<f64> {
     json["mean"]["point_estimate"].as_f64()
 }
 
+/// Whether `group` ran in this process (its estimates are newer than `started`).
+fn fresh(group: &str, started: Instant) -> bool {
+    std::fs::metadata(format!(
+        "target/criterion/{group}/pupkit/new/estimates.json"
+    ))
+    .and_then(|m| m.modified())
+    .is_ok_and(|t| t.elapsed().is_ok_and(|e| e <= started.elapsed()))
+}
+
 fn print_ratios(started: Instant) {
     println!("\n== pupkit cache vs raw baselines (this run) ==");
     let rows = [
@@ -381,13 +390,11 @@ fn print_ratios(started: Instant) {
         ),
     ];
     for (group, baseline, label, target) in rows {
-        // Only groups that ran after this process started count.
-        let fresh = std::fs::metadata(format!(
-            "target/criterion/{group}/pupkit/new/estimates.json"
-        ))
-        .and_then(|m| m.modified())
-        .is_ok_and(|t| t.elapsed().is_ok_and(|e| e <= started.elapsed()));
-        match (fresh, mean_ns(group, "pupkit"), mean_ns(group, baseline)) {
+        match (
+            fresh(group, started),
+            mean_ns(group, "pupkit"),
+            mean_ns(group, baseline),
+        ) {
             (true, Some(ours), Some(raw)) => println!(
                 "{label}: pupkit {:.0} ns, raw {:.0} ns, ratio {:.2}x (target {target})",
                 ours,
@@ -397,7 +404,7 @@ fn print_ratios(started: Instant) {
             _ => println!("{label}: not run"),
         }
     }
-    if let Some(ns) = mean_ns("l0_hit", "pupkit") {
+    if let (true, Some(ns)) = (fresh("l0_hit", started), mean_ns("l0_hit", "pupkit")) {
         println!("L0 hit latency: {ns:.0} ns");
     }
 }

@@ -121,7 +121,9 @@ impl RedisConnection {
         })?;
         let manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(config.connect_timeout))
-            .set_response_timeout(Some(config.op_timeout))
+            // Each operation's deadline is ours (it also covers waiting on a reconnect); a
+            // second timer per request inside redis-rs would only cost time.
+            .set_response_timeout(None)
             // Reconnect attempts are short and few; the next operation starts another round.
             .set_number_of_retries(1)
             .set_min_delay(Duration::from_millis(10))

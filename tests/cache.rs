@@ -442,7 +442,11 @@ mod redis {
     async fn tag_invalidation_and_clear_reach_other_instances_through_redis() {
         let Some(redis) = connect().await else { return };
         let prefix = unique_prefix("tags");
-        let a = cache(&redis, config(&prefix, "msgs", false)).await;
+        // A checks the stamps on every read (stamp_ttl zero): other instances' invalidations
+        // are seen at once.
+        let mut exact = config(&prefix, "msgs", false);
+        exact.stamp_ttl = Duration::ZERO;
+        let a = cache(&redis, exact).await;
         let b = cache(&redis, config(&prefix, "msgs", true)).await;
         let tagged = EntryOptions::new().tags(["user:1", "conv:7"]);
         a.set("x", message(1), &tagged).await.unwrap();
@@ -481,6 +485,37 @@ mod redis {
             .unwrap();
         b.clear().await.unwrap();
         assert!(other.get("y").await.unwrap().is_some());
+        delete_prefix(&prefix).await;
+    }
+
+    #[tokio::test]
+    async fn remembered_stamps_see_own_invalidations_at_once_and_others_within_stamp_ttl() {
+        let Some(redis) = connect().await else { return };
+        let prefix = unique_prefix("stampttl");
+        let mut trusting = config(&prefix, "msgs", false);
+        trusting.stamp_ttl = Duration::from_millis(200);
+        let a = cache(&redis, trusting).await;
+        let b = cache(&redis, config(&prefix, "msgs", false)).await;
+        let tagged = EntryOptions::new().tags(["t1"]);
+        a.set("k1", message(1), &tagged).await.unwrap();
+        a.set("k2", message(2), &EntryOptions::new().tags(["t2"]))
+            .await
+            .unwrap();
+        assert!(a.get("k1").await.unwrap().is_some());
+        assert!(a.get("k2").await.unwrap().is_some());
+        // A's own invalidation: at once, whatever it remembers.
+        a.invalidate_tags(&["t1"]).await.unwrap();
+        assert!(a.get("k1").await.unwrap().is_none());
+        // B's invalidation: within stamp_ttl (waiting longer is always fine).
+        b.invalidate_tags(&["t2"]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(a.get("k2").await.unwrap().is_none());
+        // The same for B's clear.
+        a.set("k3", message(3), &EntryOptions::new()).await.unwrap();
+        assert!(a.get("k3").await.unwrap().is_some());
+        b.clear().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(a.get("k3").await.unwrap().is_none());
         delete_prefix(&prefix).await;
     }
 

@@ -28,6 +28,12 @@ pub struct TieredConfig {
     pub default_tier: String,
     /// When a frequently read entry is copied to the hottest tier.
     pub promotion: PromotionConfig,
+    /// How long an instance trusts the tag and clear timestamps it has fetched from the shared
+    /// tiers before fetching them again (its own invalidations it knows at once). Another
+    /// instance's `invalidate_tags` or `clear` may go unseen on this instance's shared-tier
+    /// reads for up to this long; zero fetches them on every read. Default 1 s.
+    #[serde(with = "crate::serde_duration")]
+    pub stamp_ttl: Duration,
     /// Longest TTL an entry may ask for; tag and clear timestamps are kept this long so that
     /// they outlive every entry they invalidate. Default 7 days.
     #[serde(with = "crate::serde_duration")]
@@ -61,6 +67,7 @@ impl Default for TieredConfig {
             ],
             default_tier: "warm".to_owned(),
             promotion: PromotionConfig::default(),
+            stamp_ttl: Duration::from_secs(1),
             max_ttl: Duration::from_secs(7 * 24 * 60 * 60),
             max_key_bytes: 512,
             max_tag_bytes: 128,

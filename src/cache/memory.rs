@@ -131,14 +131,19 @@ impl MemoryTiers {
     }
 }
 
+/// This process's wall clock in µs since the epoch.
+pub(crate) fn wall_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
 /// This process's wall clock in µs since the epoch, strictly increasing between calls, so
 /// that a write after an invalidation never shares its timestamp.
 pub(crate) fn now_us() -> u64 {
     static LAST: AtomicU64 = AtomicU64::new(0);
-    let wall = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0);
+    let wall = wall_us();
     let previous = LAST.fetch_max(wall, Ordering::AcqRel);
     if previous < wall {
         wall

@@ -2,13 +2,17 @@
 //! or a pipeline. Key layout: see `keys::KeyLayout`.
 
 use std::collections::HashMap;
-use std::sync::{Arc, LazyLock};
+use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, RwLock};
+use std::time::Duration;
 
 use ::redis::{Script, Value};
 use async_trait::async_trait;
 
 use super::config::TieredConfig;
 use super::keys::KeyLayout;
+use super::memory::wall_us;
 use super::store::{Found, Probe, TierStore, Write};
 use crate::codec;
 use crate::error::{Error, Result};
@@ -19,7 +23,7 @@ use crate::redis::{RedisConnection, script};
 const PROBE_CHUNK: usize = 1000;
 
 /// How many keys' tags and last tier this instance remembers, to probe them without a script.
-const SEEN_CAPACITY: u64 = 100_000;
+const SEEN_CAPACITY: usize = 100_000;
 
 /// Redis's clock in µs (`TIME` inside a script).
 macro_rules! now_lua {
@@ -235,17 +239,106 @@ struct Seen {
     tier: usize,
 }
 
+/// A bounded map from keys to small values, sharded by key hash, each shard behind its own
+/// `RwLock` so that concurrent readers do not contend. A full shard is emptied: what it
+/// forgets costs one script probe per key.
+struct Sharded<V> {
+    shards: Box<[RwLock<HashMap<String, V>>]>,
+    per_shard: usize,
+    hasher: RandomState,
+}
+
+const SHARDS: usize = 32;
+
+impl<V: Clone> Sharded<V> {
+    fn new(capacity: usize) -> Self {
+        Sharded {
+            shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
+            per_shard: capacity.div_ceil(SHARDS).max(1),
+            hasher: RandomState::new(),
+        }
+    }
+
+    fn shard(&self, key: &str) -> &RwLock<HashMap<String, V>> {
+        &self.shards[self.hasher.hash_one(key) as usize % SHARDS]
+    }
+
+    fn get(&self, key: &str) -> Option<V> {
+        let shard = self.shard(key).read().unwrap_or_else(|e| e.into_inner());
+        shard.get(key).cloned()
+    }
+
+    fn update(&self, key: &str, update: impl FnOnce(Option<&V>) -> V) {
+        let mut shard = self.shard(key).write().unwrap_or_else(|e| e.into_inner());
+        let value = update(shard.get(key));
+        if shard.len() >= self.per_shard && !shard.contains_key(key) {
+            shard.clear();
+        }
+        shard.insert(key.to_owned(), value);
+    }
+}
+
+/// Tag and clear stamps this instance fetched or wrote, trusted for `ttl` after they were
+/// learnt. The clear stamp sits in atomics: every read needs it.
+struct RecentStamps {
+    ttl_us: u64,
+    clear: AtomicU64,
+    clear_learnt_us: AtomicU64,
+    tags: Sharded<(u64, u64)>,
+}
+
+impl RecentStamps {
+    fn new(ttl: Duration) -> Self {
+        RecentStamps {
+            ttl_us: ttl.as_micros() as u64,
+            clear: AtomicU64::new(0),
+            clear_learnt_us: AtomicU64::new(0),
+            tags: Sharded::new(SEEN_CAPACITY),
+        }
+    }
+
+    fn fresh(&self, learnt_us: u64) -> bool {
+        self.ttl_us > 0 && learnt_us > 0 && wall_us().saturating_sub(learnt_us) < self.ttl_us
+    }
+
+    fn clear(&self) -> Option<u64> {
+        self.fresh(self.clear_learnt_us.load(Ordering::Acquire))
+            .then(|| self.clear.load(Ordering::Acquire))
+    }
+
+    fn put_clear(&self, stamp: u64) {
+        self.clear.fetch_max(stamp, Ordering::AcqRel);
+        self.clear_learnt_us.store(wall_us(), Ordering::Release);
+    }
+
+    fn tag(&self, tag: &str) -> Option<u64> {
+        self.tags
+            .get(tag)
+            .and_then(|(stamp, learnt)| self.fresh(learnt).then_some(stamp))
+    }
+
+    fn put_tag(&self, tag: &str, stamp: u64) {
+        if self.ttl_us > 0 {
+            let now = wall_us();
+            self.tags.update(tag, |old| {
+                (old.map_or(stamp, |(s, _)| (*s).max(stamp)), now)
+            });
+        }
+    }
+}
+
 /// The shared tiers of one named cache in Redis.
 ///
-/// A probe is one round trip either way:
-/// - for keys seen before, a pipeline of `TIME` and one `MGET` of every tier's copy, the clear
-///   stamp and the stamps of the tags the entry had last time; plus, for an entry last read
-///   from a lower tier, a small script that counts the read for promotion. No script runs on
-///   a hot-tier hit, so such a read costs Redis about what a GET does.
-/// - for keys not seen before, a script that reads the tiers, parses the envelopes' tags and
+/// A probe is one round trip:
+/// - for a key this instance has read or written before, a `GET` (an `MGET` for several keys)
+///   of the tier it was last found in, plus the tag and clear stamps it has not fetched within
+///   `stamp_ttl`; and, for an entry last read from a lower tier, a small script that counts
+///   the read for promotion. A hot-tier hit runs no script, so it costs Redis what a GET does.
+/// - for a key not seen before, a script that reads every tier, parses the envelopes' tags and
 ///   fetches their stamps in place.
 ///
-/// If an entry's tags have changed since it was seen, it is probed again by the script.
+/// If the remembered tier no longer holds the entry, or its tags have changed, the key is
+/// probed again by the script.
 pub struct RedisTiers {
     connection: RedisConnection,
     layout: KeyLayout,
@@ -257,7 +350,10 @@ pub struct RedisTiers {
     hot_ttl_ms: u64,
     /// How long tag and clear stamps are kept: the longest TTL an entry can have.
     stamp_retention_ms: u64,
-    seen: moka::sync::Cache<String, Seen>,
+    seen: Sharded<Seen>,
+    recent: RecentStamps,
+    /// Redis's clock minus this process's, in µs, from the last script reply.
+    clock_offset_us: AtomicI64,
 }
 
 impl std::fmt::Debug for RedisTiers {
@@ -285,27 +381,35 @@ impl RedisTiers {
             promote_window_ms: config.promotion.window.as_millis() as u64,
             hot_ttl_ms: config.tiers[0].ttl.as_millis() as u64,
             stamp_retention_ms: config.max_ttl.as_millis() as u64,
-            seen: moka::sync::Cache::builder()
-                .max_capacity(SEEN_CAPACITY)
-                .time_to_idle(config.max_ttl)
-                .build(),
+            seen: Sharded::new(SEEN_CAPACITY),
+            recent: RecentStamps::new(config.stamp_ttl),
+            clock_offset_us: AtomicI64::new(0),
         }
     }
 
-    fn remember(&self, key: &str, found: &Found) {
-        if let Ok(header) = codec::header(&found.envelope) {
-            let known = self
-                .seen
-                .get(key)
-                .is_some_and(|s| s.tier == found.tier && *s.tags == header.tags[..]);
-            if !known {
-                let seen = Seen {
-                    tags: header.tags.into(),
-                    tier: found.tier,
-                };
-                self.seen.insert(key.to_owned(), seen);
-            }
+    /// Notes Redis's clock from a script's reply.
+    fn sync_clock(&self, redis_now_us: u64) {
+        let offset = redis_now_us as i64 - wall_us() as i64;
+        self.clock_offset_us.store(offset, Ordering::Relaxed);
+    }
+
+    /// Redis's clock, estimated from the last script reply.
+    fn redis_now_us(&self) -> u64 {
+        wall_us().saturating_add_signed(self.clock_offset_us.load(Ordering::Relaxed))
+    }
+
+    /// Remembers where `key` was found and with which tags; a promoted entry is next read
+    /// from the hottest tier.
+    fn remember(&self, key: &str, found: &Found, tags: &[String], before: Option<&Seen>) {
+        let tier = if found.promoted { 0 } else { found.tier };
+        if before.is_some_and(|s| s.tier == tier && *s.tags == *tags) {
+            return;
         }
+        let seen = Seen {
+            tags: tags.into(),
+            tier,
+        };
+        self.seen.update(key, |_| seen);
     }
 
     /// The script probe, for keys not seen before.
@@ -327,10 +431,17 @@ impl RedisTiers {
         let reply: Value = self.connection.run_script("probe", &invocation).await?;
         let first = probe.found.len();
         parse_probe(reply, keys.len(), self.tier_names.len(), probe)?;
+        self.sync_clock(probe.now_us);
+        self.recent.put_clear(probe.clear_us);
         for (key, found) in keys.iter().zip(&probe.found[first..]) {
-            if let Some(found) = found {
-                self.remember(key, found);
+            let Some(found) = found else { continue };
+            let Ok(header) = codec::header(&found.envelope) else {
+                continue;
+            };
+            for (tag, &stamp) in header.tags.iter().zip(&found.tag_stamps) {
+                self.recent.put_tag(tag, stamp);
             }
+            self.remember(key, found, &header.tags, None);
         }
         Ok(())
     }
@@ -349,128 +460,133 @@ impl RedisTiers {
             .arg(self.hot_ttl_ms);
     }
 
-    /// The script-free probe, for keys seen before.
+    /// The probe of keys seen before: their remembered tier's copy and the stamps not learnt
+    /// recently, in one command (plus count scripts for lower-tier entries, pipelined).
     async fn probe_seen(&self, keys: &[&str], seen: &[Seen], probe: &mut Probe) -> Result<()> {
-        let tiers = self.tier_names.len();
-        let mut mget = ::redis::cmd("MGET");
-        let mut entries = Vec::with_capacity(keys.len());
-        let mut name = String::new();
-        for key in keys {
-            let entry = self.layout.entry(key);
-            for tier in &self.tier_names {
-                name.clear();
-                name.push_str(&entry);
-                name.push(':');
-                name.push_str(tier);
-                mget.arg(&name);
-            }
-            entries.push(entry);
-        }
-        mget.arg(&self.clear_key);
-        let mut tag_slots: HashMap<&str, usize> = HashMap::new();
-        for seen in seen {
-            for tag in seen.tags.iter() {
-                let next = tag_slots.len();
-                tag_slots.entry(tag.as_str()).or_insert_with(|| {
-                    mget.arg(format!("{}{tag}", self.tag_prefix));
-                    next
-                });
+        // Stamps known from recent fetches; the rest are fetched in this read.
+        let mut clear = self.recent.clear();
+        let mut tag_stamps: Vec<(&str, Option<u64>)> = Vec::new();
+        for tag in seen.iter().flat_map(|s| s.tags.iter()) {
+            if !tag_stamps.iter().any(|(t, _)| t == tag) {
+                tag_stamps.push((tag, self.recent.tag(tag)));
             }
         }
-        let mut pipeline = ::redis::pipe();
-        pipeline.cmd("TIME").add_command(mget);
-        let mut counted = Vec::new();
-        if self.promote_reads > 0 {
-            for (i, seen) in seen.iter().enumerate() {
-                if seen.tier > 0 {
-                    self.push_count(&mut pipeline, &entries[i], seen.tier);
-                    counted.push(i);
-                }
-            }
-        }
-        let reply: Vec<Value> = self
-            .connection
-            .pipeline_with_scripts("probe", &pipeline, &[&COUNT])
-            .await?;
-        let mut reply = reply.into_iter();
-        let now = parse_time(reply.next()).ok_or_else(|| malformed("no clock"))?;
-        let Some(Value::Array(mut values)) = reply.next() else {
-            return Err(malformed("MGET did not answer an array"));
+        let fetches =
+            usize::from(clear.is_none()) + tag_stamps.iter().filter(|(_, s)| s.is_none()).count();
+        let command = if keys.len() + fetches == 1 {
+            "GET"
+        } else {
+            "MGET"
         };
-        if values.len() != keys.len() * tiers + 1 + tag_slots.len() {
-            return Err(malformed("MGET answered the wrong number of values"));
+        let mut read = ::redis::cmd(command);
+        for (key, seen) in keys.iter().zip(seen) {
+            read.arg(self.layout.entry_tier(key, &self.tier_names[seen.tier]));
         }
-        let stamp_at = |values: &[Value], slot: usize| stamp(&values[keys.len() * tiers + slot]);
-        probe.now_us = now;
-        probe.clear_us = probe.clear_us.max(stamp_at(&values, 0));
-        let counts: HashMap<usize, (bool, bool)> =
-            counted.into_iter().zip(reply.map(count_flags)).collect();
-        let mut surprises = Vec::new();
-        let mut moved = Vec::new();
+        if clear.is_none() {
+            read.arg(&self.clear_key);
+        }
+        for (tag, _) in tag_stamps.iter().filter(|(_, s)| s.is_none()) {
+            read.arg(format!("{}{tag}", self.tag_prefix));
+        }
+        let counted: Vec<usize> = if self.promote_reads > 0 {
+            (0..keys.len()).filter(|&i| seen[i].tier > 0).collect()
+        } else {
+            Vec::new()
+        };
+        let (reply, counts) = if counted.is_empty() {
+            let reply: Value = self.connection.query("probe", &read).await?;
+            (reply, Vec::new())
+        } else {
+            let mut pipeline = ::redis::pipe();
+            pipeline.add_command(read);
+            for &i in &counted {
+                self.push_count(&mut pipeline, &self.layout.entry(keys[i]), seen[i].tier);
+            }
+            let replies: Vec<Value> = Box::pin(self.connection.pipeline_with_scripts(
+                "probe",
+                &pipeline,
+                &[&COUNT],
+            ))
+            .await?;
+            let mut replies = replies.into_iter();
+            let reply = replies
+                .next()
+                .ok_or_else(|| malformed("empty pipeline reply"))?;
+            (reply, replies.map(count_flags).collect())
+        };
+        let (mut many, mut one);
+        let values: &mut [Value] = match reply {
+            Value::Array(values) if command == "MGET" => {
+                many = values;
+                &mut many
+            }
+            single => {
+                one = [single];
+                &mut one
+            }
+        };
+        if values.len() != keys.len() + fetches {
+            return Err(malformed("the read answered the wrong number of values"));
+        }
+        let mut fetched = values[keys.len()..].iter().map(stamp);
+        if clear.is_none() {
+            let stamp = fetched.next().unwrap_or(0);
+            self.recent.put_clear(stamp);
+            clear = Some(stamp);
+        }
+        for (tag, known) in tag_stamps.iter_mut().filter(|(_, s)| s.is_none()) {
+            let stamp = fetched.next().unwrap_or(0);
+            self.recent.put_tag(tag, stamp);
+            *known = Some(stamp);
+        }
+        let counts: HashMap<usize, (bool, bool)> = counted.into_iter().zip(counts).collect();
+        probe.now_us = self.redis_now_us();
+        probe.clear_us = probe.clear_us.max(clear.unwrap_or(0));
         let first = probe.found.len();
+        let mut again = Vec::new();
         for (i, key) in keys.iter().enumerate() {
-            let hit = (0..tiers).find_map(|t| match std::mem::take(&mut values[i * tiers + t]) {
-                Value::BulkString(envelope) => Some((t, envelope)),
-                _ => None,
-            });
-            let Some((tier, envelope)) = hit else {
+            let Value::BulkString(envelope) = std::mem::take(&mut values[i]) else {
+                // Gone from the remembered tier: moved, expired or removed.
+                again.push(i);
                 probe.found.push(None);
                 continue;
             };
-            let tags = codec::header(&envelope).map(|h| h.tags).unwrap_or_default();
+            // An untagged entry seen untagged needs no header parse (byte 3 is the tag count).
+            let tags = if seen[i].tags.is_empty() && envelope.get(3) == Some(&0) {
+                Vec::new()
+            } else {
+                codec::header(&envelope).map(|h| h.tags).unwrap_or_default()
+            };
             let stamps: Option<Vec<u64>> = tags
                 .iter()
                 .map(|tag| {
-                    tag_slots
-                        .get(tag.as_str())
-                        .map(|&slot| stamp_at(&values, 1 + slot))
+                    tag_stamps
+                        .iter()
+                        .find(|(t, _)| t == tag)
+                        .and_then(|(_, s)| *s)
                 })
                 .collect();
-            let Some(tag_stamps) = stamps else {
+            let Some(stamps) = stamps else {
                 // The entry's tags changed since it was seen: their stamps were not fetched.
-                surprises.push(i);
+                again.push(i);
                 probe.found.push(None);
                 continue;
             };
-            let mut found = Found::new(tier, envelope, tag_stamps);
-            if tier == seen[i].tier {
-                if let Some(&(promoted, demoted)) = counts.get(&i) {
-                    found.promoted = promoted;
-                    found.demoted = demoted;
-                }
-            } else if tier > 0 && self.promote_reads > 0 {
-                // Read from another lower tier than last time (a hot copy expired): this read
-                // was not counted in the pipeline.
-                moved.push(i);
+            let mut found = Found::new(seen[i].tier, envelope, stamps);
+            if let Some(&(promoted, demoted)) = counts.get(&i) {
+                found.promoted = promoted;
+                found.demoted = demoted;
             }
-            self.remember(key, &found);
+            self.remember(key, &found, &tags, Some(&seen[i]));
             probe.found.push(Some(found));
         }
-        if !moved.is_empty() {
-            let mut pipeline = ::redis::pipe();
-            for &i in &moved {
-                let tier = probe.found[first + i].as_ref().map_or(0, |f| f.tier);
-                self.push_count(&mut pipeline, &entries[i], tier);
-            }
-            let replies: Vec<Value> = self
-                .connection
-                .pipeline_with_scripts("count read", &pipeline, &[&COUNT])
-                .await?;
-            for (i, (promoted, demoted)) in
-                moved.into_iter().zip(replies.into_iter().map(count_flags))
-            {
-                if let Some(found) = probe.found[first + i].as_mut() {
-                    found.promoted = promoted;
-                    found.demoted = demoted;
-                }
-            }
-        }
-        if !surprises.is_empty() {
-            let again: Vec<&str> = surprises.iter().map(|&i| keys[i]).collect();
+        if !again.is_empty() {
+            let keys_again: Vec<&str> = again.iter().map(|&i| keys[i]).collect();
             let mut second = Probe::default();
-            self.probe_by_script(&again, &mut second).await?;
+            // Boxed: this rare path would otherwise enlarge every probe's future.
+            Box::pin(self.probe_by_script(&keys_again, &mut second)).await?;
             probe.clear_us = probe.clear_us.max(second.clear_us);
-            for (i, found) in surprises.into_iter().zip(second.found) {
+            for (i, found) in again.into_iter().zip(second.found) {
                 probe.found[first + i] = found;
             }
         }
@@ -487,19 +603,6 @@ fn count_flags(reply: Value) -> (bool, bool) {
         }
         _ => (false, false),
     }
-}
-
-/// Parses a `TIME` reply into µs.
-fn parse_time(reply: Option<Value>) -> Option<u64> {
-    let Some(Value::Array(parts)) = reply else {
-        return None;
-    };
-    let number = |v: &Value| match v {
-        Value::BulkString(b) => std::str::from_utf8(b).ok()?.parse::<u64>().ok(),
-        Value::Int(i) => u64::try_from(*i).ok(),
-        _ => None,
-    };
-    Some(number(parts.first()?)? * 1_000_000 + number(parts.get(1)?)?)
 }
 
 /// A stamp key's value as µs; 0 when absent or unreadable.
@@ -592,10 +695,10 @@ impl TierStore for RedisTiers {
             ..Probe::default()
         };
         for chunk in keys.chunks(PROBE_CHUNK) {
-            let seen: Option<Vec<Seen>> = chunk.iter().map(|key| self.seen.get(*key)).collect();
+            let seen: Option<Vec<Seen>> = chunk.iter().map(|key| self.seen.get(key)).collect();
             match seen {
                 Some(seen) => self.probe_seen(chunk, &seen, &mut probe).await?,
-                None => self.probe_by_script(chunk, &mut probe).await?,
+                None => Box::pin(self.probe_by_script(chunk, &mut probe)).await?,
             }
         }
         Ok(probe)
@@ -613,7 +716,7 @@ impl TierStore for RedisTiers {
                     tags: header.tags.into(),
                     tier: write.tier,
                 };
-                self.seen.insert(write.key.to_owned(), seen);
+                self.seen.update(write.key, |_| seen);
             }
             invocation
                 .key(self.layout.entry(write.key))
@@ -621,7 +724,9 @@ impl TierStore for RedisTiers {
                 .arg(write.ttl.as_millis() as u64)
                 .arg(&write.envelope[..]);
         }
-        self.connection.run_script("write", &invocation).await
+        let now = self.connection.run_script("write", &invocation).await?;
+        self.sync_clock(now);
+        Ok(now)
     }
 
     async fn remove(&self, keys: &[&str]) -> Result<()> {
@@ -660,15 +765,24 @@ impl TierStore for RedisTiers {
             invocation.key(format!("{}{tag}", self.tag_prefix));
         }
         invocation.arg(self.stamp_retention_ms);
-        self.connection
+        let now = self
+            .connection
             .run_script("invalidate tags", &invocation)
-            .await
+            .await?;
+        self.sync_clock(now);
+        for tag in tags {
+            self.recent.put_tag(tag, now);
+        }
+        Ok(now)
     }
 
     async fn clear(&self) -> Result<u64> {
         let mut invocation = STAMP.prepare_invoke();
         invocation.key(&self.clear_key).arg(self.stamp_retention_ms);
-        self.connection.run_script("clear", &invocation).await
+        let now = self.connection.run_script("clear", &invocation).await?;
+        self.sync_clock(now);
+        self.recent.put_clear(now);
+        Ok(now)
     }
 }
 

@@ -15,7 +15,7 @@ use serde::de::DeserializeOwned;
 use super::config::{EntryOptions, TieredConfig};
 use super::keys::{check_key, check_tags};
 use super::l0::{L0, LocalStamps};
-use super::memory::{MemoryTiers, now_us};
+use super::memory::{MemoryTiers, wall_us};
 use super::stats::{CacheStats, CacheTally, error_chain};
 use super::store::{Found, Probe, TierStore, Write};
 use crate::codec::{self, EncodeOptions};
@@ -275,22 +275,20 @@ where
             return Ok(out);
         }
         // Probe each distinct key once.
-        let mut slots: HashMap<&str, Vec<usize>> = HashMap::with_capacity(missing.len());
+        let mut position: HashMap<&str, usize> = HashMap::with_capacity(missing.len());
         let mut unique: Vec<&str> = Vec::with_capacity(missing.len());
-        for i in missing {
-            let slot = slots.entry(keys[i]).or_default();
-            if slot.is_empty() {
-                unique.push(keys[i]);
-            }
-            slot.push(i);
-        }
+        let slots: Vec<usize> = missing
+            .iter()
+            .map(|&i| {
+                *position.entry(keys[i]).or_insert_with(|| {
+                    unique.push(keys[i]);
+                    unique.len() - 1
+                })
+            })
+            .collect();
         let found = self.probe_shared(&unique).await;
-        for (key, value) in unique.iter().zip(found) {
-            if let Some(value) = value {
-                for &i in &slots[key] {
-                    out[i] = Some(value.clone());
-                }
-            }
+        for (&i, &slot) in missing.iter().zip(&slots) {
+            out[i] = found[slot].clone();
         }
         Ok(out)
     }
@@ -675,13 +673,13 @@ where
     }
 
     fn note_store_clock(&self, store_now_us: u64) {
-        let offset = store_now_us as i64 - now_us() as i64;
+        let offset = store_now_us as i64 - wall_us() as i64;
         self.inner.clock_offset_us.store(offset, Ordering::Relaxed);
     }
 
     fn store_clock_estimate(&self) -> u64 {
         let offset = self.inner.clock_offset_us.load(Ordering::Relaxed);
-        now_us().saturating_add_signed(offset)
+        wall_us().saturating_add_signed(offset)
     }
 }
 
