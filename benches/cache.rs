@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use criterion::{Criterion, criterion_group};
 use pupkit::cache::{EntryOptions, Tiered, TieredConfig};
 use pupkit::redis::{RedisConfig, RedisConnection};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::runtime::Runtime;
 
@@ -114,8 +115,15 @@ fn l0_hit(c: &mut Criterion) {
     group.finish();
 }
 
+/// A 256-dimension embedding (1 KiB of f32): the second benchmark value, cheap to decode.
+fn embedding(id: u64) -> Vec<f32> {
+    (0..256)
+        .map(|i| ((id * 31 + i) % 1000) as f32 / 1000.0)
+        .collect()
+}
+
 /// A runtime and a cache with L0 off, over Redis: every read is a Redis-tier read.
-fn redis_cache() -> (Runtime, Tiered<Message>) {
+fn redis_cache<V: Serialize + DeserializeOwned + Send + Sync + 'static>() -> (Runtime, Tiered<V>) {
     let rt = Runtime::new().unwrap();
     let cache = Tiered::builder(config(false))
         .redis(connection(&rt))
@@ -156,17 +164,26 @@ fn redis_hit(c: &mut Criterion) {
 }
 
 fn get_many_100(c: &mut Criterion) {
-    let (rt, cache) = redis_cache();
+    get_many_of(c, "get_many_100", message);
+    get_many_of(c, "get_many_100_embedding", embedding);
+}
+
+/// `get_many` of 100 keys holding `value`s, against one raw MGET of the same bytes.
+fn get_many_of<V>(c: &mut Criterion, group: &str, value: fn(u64) -> V)
+where
+    V: Serialize + DeserializeOwned + Send + Sync + 'static,
+{
+    let (rt, cache) = redis_cache::<V>();
     let raw = raw_connection(&rt);
-    let keys: Vec<String> = (0..100).map(|i| format!("many:{i}")).collect();
+    let keys: Vec<String> = (0..100).map(|i| format!("{group}:{i}")).collect();
     let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
     let entries = (0..100)
-        .map(|i| (format!("many:{i}"), message(i)))
+        .map(|i| (keys[i as usize].clone(), value(i)))
         .collect();
     rt.block_on(cache.set_many(entries, &EntryOptions::new().tier("hot")))
         .unwrap();
     let raw_keys: Vec<String> = keys.iter().map(|k| envelope_key(k)).collect();
-    let mut group = c.benchmark_group("get_many_100");
+    let mut group = c.benchmark_group(group);
     group.bench_function("raw_mget", |b| {
         b.to_async(&rt).iter(|| {
             let mut raw = raw.clone();
@@ -192,30 +209,39 @@ fn get_many_100(c: &mut Criterion) {
     group.finish();
 }
 
-/// 64 tasks, each reading 16 times: the time of one such round is the inverse of throughput.
 fn concurrent_64(c: &mut Criterion) {
+    concurrent_64_of(c, "concurrent_64", message);
+    concurrent_64_of(c, "concurrent_64_embedding", embedding);
+}
+
+/// 64 tasks, each reading 16 times: the time of one such round is the inverse of throughput.
+fn concurrent_64_of<V>(c: &mut Criterion, group: &str, value: fn(u64) -> V)
+where
+    V: Serialize + DeserializeOwned + Send + Sync + 'static,
+{
     const TASKS: usize = 64;
     const READS: usize = 16;
-    let (rt, cache) = redis_cache();
+    let (rt, cache) = redis_cache::<V>();
     let raw = raw_connection(&rt);
-    rt.block_on(cache.set("m:1", message(1), &EntryOptions::new().tier("hot")))
+    let key = format!("{group}:1");
+    rt.block_on(cache.set(&key, value(1), &EntryOptions::new().tier("hot")))
         .unwrap();
-    let key = envelope_key("m:1");
-    let mut group = c.benchmark_group("concurrent_64");
+    let raw_key = envelope_key(&key);
+    let mut group = c.benchmark_group(group);
     group.throughput(criterion::Throughput::Elements((TASKS * READS) as u64));
     group.bench_function("raw_get", |b| {
         b.to_async(&rt).iter(|| {
             let raw = raw.clone();
-            let key = key.clone();
+            let raw_key = raw_key.clone();
             async move {
                 let tasks: Vec<_> = (0..TASKS)
                     .map(|_| {
                         let mut raw = raw.clone();
-                        let key = key.clone();
+                        let raw_key = raw_key.clone();
                         tokio::spawn(async move {
                             for _ in 0..READS {
                                 let _: Vec<u8> = redis::cmd("GET")
-                                    .arg(&key)
+                                    .arg(&raw_key)
                                     .query_async(&mut raw)
                                     .await
                                     .unwrap();
@@ -232,13 +258,15 @@ fn concurrent_64(c: &mut Criterion) {
     group.bench_function("pupkit", |b| {
         b.to_async(&rt).iter(|| {
             let cache = cache.clone();
+            let key = key.clone();
             async move {
                 let tasks: Vec<_> = (0..TASKS)
                     .map(|_| {
                         let cache = cache.clone();
+                        let key = key.clone();
                         tokio::spawn(async move {
                             for _ in 0..READS {
-                                cache.get("m:1").await.unwrap().unwrap();
+                                cache.get(&key).await.unwrap().unwrap();
                             }
                         })
                     })
@@ -383,9 +411,21 @@ fn print_ratios(started: Instant) {
             "<= 1.25x",
         ),
         (
+            "get_many_100_embedding",
+            "raw_mget",
+            "get_many(100) of embeddings vs raw MGET",
+            "<= 1.25x",
+        ),
+        (
             "concurrent_64",
             "raw_get",
             "64 tasks, Redis-tier hits vs raw GETs (time)",
+            "<= 1.11x (throughput >= 0.9x)",
+        ),
+        (
+            "concurrent_64_embedding",
+            "raw_get",
+            "64 tasks, embedding hits vs raw GETs (time)",
             "<= 1.11x (throughput >= 0.9x)",
         ),
     ];
