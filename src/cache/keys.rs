@@ -107,19 +107,21 @@ impl KeyLayout {
 
     /// The part shared by all of an entry's keys: `{prefix}:{cache}:{<escaped key>}`.
     pub(crate) fn entry(&self, key: &str) -> String {
-        self.entry_with_room(key, 0)
-    }
-
-    /// The key of one tier's copy of the entry under `key`, built in one allocation.
-    pub(crate) fn entry_tier(&self, key: &str, tier: &str) -> String {
-        let mut out = self.entry_with_room(key, tier.len() + 1);
-        out.push(':');
-        out.push_str(tier);
+        let mut out = String::with_capacity(self.namespace.len() + key.len() + 8);
+        self.write_entry(&mut out, key);
         out
     }
 
-    fn entry_with_room(&self, key: &str, room: usize) -> String {
-        let mut out = String::with_capacity(self.namespace.len() + key.len() + 8 + room);
+    /// The key of one tier's copy of the entry under `key`, written into `out` (cleared
+    /// first), so a batch can build all its keys in one buffer.
+    pub(crate) fn write_entry_tier(&self, out: &mut String, key: &str, tier: &str) {
+        out.clear();
+        self.write_entry(out, key);
+        out.push(':');
+        out.push_str(tier);
+    }
+
+    fn write_entry(&self, out: &mut String, key: &str) {
         out.push_str(&self.namespace);
         out.push_str(":{");
         for c in key.chars() {
@@ -131,7 +133,6 @@ impl KeyLayout {
             }
         }
         out.push('}');
-        out
     }
 
     /// The key of one tier's copy of an entry.
@@ -190,14 +191,11 @@ mod tests {
     fn a_key_cannot_change_its_hash_tag_or_leave_its_prefix() {
         let layout = KeyLayout::new("pupkit", "msgs");
         assert_eq!(layout.entry("user:42"), "pupkit:msgs:{user:42}");
-        assert_eq!(
-            layout.entry_tier("user:42", "hot"),
-            "pupkit:msgs:{user:42}:hot"
-        );
-        assert_eq!(
-            layout.entry_tier("{", "hot"),
-            KeyLayout::tier_key(&layout.entry("{"), "hot")
-        );
+        let mut buf = String::from("left over");
+        layout.write_entry_tier(&mut buf, "user:42", "hot");
+        assert_eq!(buf, "pupkit:msgs:{user:42}:hot");
+        layout.write_entry_tier(&mut buf, "{", "hot");
+        assert_eq!(buf, KeyLayout::tier_key(&layout.entry("{"), "hot"));
         // Braces would otherwise end the hash tag early, or make it empty.
         let tricky = layout.entry("}x{:hot");
         assert_eq!(tricky, "pupkit:msgs:{%7Dx%7B:hot}");

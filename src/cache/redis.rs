@@ -479,8 +479,11 @@ impl RedisTiers {
             "MGET"
         };
         let mut read = ::redis::cmd(command);
+        let mut name = String::new();
         for (key, seen) in keys.iter().zip(seen) {
-            read.arg(self.layout.entry_tier(key, &self.tier_names[seen.tier]));
+            self.layout
+                .write_entry_tier(&mut name, key, &self.tier_names[seen.tier]);
+            read.arg(name.as_str());
         }
         if clear.is_none() {
             read.arg(&self.clear_key);

@@ -274,6 +274,10 @@ where
         if missing.is_empty() || inner.store.is_none() {
             return Ok(out);
         }
+        if let [i] = missing[..] {
+            out[i] = self.probe_shared(&[keys[i]]).await.pop().flatten();
+            return Ok(out);
+        }
         // Probe each distinct key once.
         let mut position: HashMap<&str, usize> = HashMap::with_capacity(missing.len());
         let mut unique: Vec<&str> = Vec::with_capacity(missing.len());
