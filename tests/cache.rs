@@ -76,11 +76,12 @@ impl TierStore for CountingStore {
 #[tokio::test]
 async fn get_or_load_loads_once_then_serves_from_l0() {
     let cache = memory_cache("once");
-    let calls = AtomicUsize::new(0);
+    let calls = Arc::new(AtomicUsize::new(0));
     for _ in 0..3 {
+        let counter = calls.clone();
         let value = cache
-            .get_or_load("m:1", &EntryOptions::new(), || async {
-                calls.fetch_add(1, Ordering::SeqCst);
+            .get_or_load("m:1", &EntryOptions::new(), move || async move {
+                counter.fetch_add(1, Ordering::SeqCst);
                 Ok::<_, std::io::Error>(message(1))
             })
             .await
@@ -96,6 +97,151 @@ async fn get_or_load_loads_once_then_serves_from_l0() {
         "{}",
         stats.hit_rate
     );
+}
+
+/// A loader that counts its calls and waits for `gate` before answering `value`.
+fn gated_loader(
+    calls: &Arc<AtomicUsize>,
+    gate: &Arc<tokio::sync::Notify>,
+    value: Result<Message, &'static str>,
+) -> impl FnOnce() -> std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<Message, std::io::Error>> + Send>,
+> + Send
++ 'static {
+    let (calls, gate) = (calls.clone(), gate.clone());
+    move || {
+        Box::pin(async move {
+            calls.fetch_add(1, Ordering::SeqCst);
+            gate.notified().await;
+            value.map_err(std::io::Error::other)
+        })
+    }
+}
+
+/// Waits (bounded) until `check` holds.
+async fn eventually(what: &str, check: impl Fn() -> bool) {
+    for _ in 0..2_000 {
+        if check() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("{what} did not happen within 10 s");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_concurrent_callers_of_a_cold_key_cause_one_load() {
+    let cache = memory_cache("stampede");
+    let calls = Arc::new(AtomicUsize::new(0));
+    let tasks: Vec<_> = (0..1000)
+        .map(|_| {
+            let (cache, calls) = (cache.clone(), calls.clone());
+            tokio::spawn(async move {
+                cache
+                    .get_or_load("cold", &EntryOptions::new(), move || async move {
+                        calls.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        Ok::<_, std::io::Error>(message(1))
+                    })
+                    .await
+            })
+        })
+        .collect();
+    for task in tasks {
+        assert_eq!(*task.await.unwrap().unwrap(), message(1));
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert_eq!(cache.stats().loader_calls, 1);
+}
+
+#[tokio::test]
+async fn a_dropped_first_caller_does_not_cancel_the_load_for_the_others() {
+    let cache = memory_cache("cancel");
+    let (calls, gate) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(tokio::sync::Notify::new()),
+    );
+    let first = {
+        let cache = cache.clone();
+        let loader = gated_loader(&calls, &gate, Ok(message(1)));
+        tokio::spawn(async move { cache.get_or_load("k", &EntryOptions::new(), loader).await })
+    };
+    eventually("the load started", || calls.load(Ordering::SeqCst) == 1).await;
+    let second = {
+        let cache = cache.clone();
+        let loader = gated_loader(&calls, &gate, Ok(message(2)));
+        tokio::spawn(async move { cache.get_or_load("k", &EntryOptions::new(), loader).await })
+    };
+    eventually("the second caller joined", || {
+        cache.stats().coalesced_loads == 1
+    })
+    .await;
+    first.abort();
+    assert!(first.await.unwrap_err().is_cancelled());
+    gate.notify_waiters();
+    assert_eq!(
+        *second.await.unwrap().unwrap(),
+        message(1),
+        "the first caller's load answered"
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert_eq!(cache.get("k").await.unwrap().as_deref(), Some(&message(1)));
+}
+
+#[tokio::test]
+async fn a_loader_error_reaches_every_waiter_and_a_panic_frees_the_key() {
+    let cache = memory_cache("shared-error");
+    let (calls, gate) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(tokio::sync::Notify::new()),
+    );
+    let waiters: Vec<_> = (0..10)
+        .map(|_| {
+            let cache = cache.clone();
+            let loader = gated_loader(&calls, &gate, Err("upstream 503"));
+            tokio::spawn(async move { cache.get_or_load("k", &EntryOptions::new(), loader).await })
+        })
+        .collect();
+    eventually("all ten joined one load", || {
+        calls.load(Ordering::SeqCst) == 1 && cache.stats().coalesced_loads == 9
+    })
+    .await;
+    gate.notify_waiters();
+    for waiter in waiters {
+        let err = waiter.await.unwrap().unwrap_err();
+        assert!(err.is_loader(), "{err}");
+        assert_eq!(
+            std::error::Error::source(&err).unwrap().to_string(),
+            "upstream 503"
+        );
+    }
+    assert_eq!(cache.stats().loader_errors, 1);
+
+    let err = cache
+        .get_or_load("p", &EntryOptions::new(), || async {
+            if true {
+                panic!("loader bug");
+            }
+            Ok::<_, std::io::Error>(message(0))
+        })
+        .await
+        .unwrap_err();
+    assert!(err.is_loader());
+    assert!(
+        std::error::Error::source(&err)
+            .unwrap()
+            .to_string()
+            .contains("panicked"),
+        "{err}"
+    );
+    // The key is free again: the next call loads.
+    let value = cache
+        .get_or_load("p", &EntryOptions::new(), || async {
+            Ok::<_, std::io::Error>(message(3))
+        })
+        .await
+        .unwrap();
+    assert_eq!(*value, message(3));
 }
 
 #[tokio::test]
@@ -272,9 +418,10 @@ async fn bad_input_is_refused_with_what_was_wrong() {
         "{err}"
     );
     // A loaded value that is too large is still returned, just not cached.
+    let to_load = big.clone();
     let loaded = cache
-        .get_or_load("big", &EntryOptions::new(), || async {
-            Ok::<_, std::io::Error>(big.clone())
+        .get_or_load("big", &EntryOptions::new(), move || async move {
+            Ok::<_, std::io::Error>(to_load)
         })
         .await
         .unwrap();

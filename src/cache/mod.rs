@@ -22,6 +22,7 @@
 //! ```
 
 mod config;
+mod flight;
 mod keys;
 mod l0;
 mod memory;

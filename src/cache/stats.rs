@@ -81,6 +81,7 @@ pub(crate) struct CacheTally {
     pub(crate) tiers: Vec<TierTally>,
     pub(crate) loader_calls: Tally,
     pub(crate) loader_errors: Tally,
+    pub(crate) coalesced_loads: Tally,
     pub(crate) backend_errors: Tally,
     pub(crate) corrupt_entries: Tally,
     pub(crate) stale_by_tag: Tally,
@@ -109,6 +110,7 @@ impl CacheTally {
             tiers,
             loader_calls: Tally::new("pupkit_cache_loader_calls_total", labels()),
             loader_errors: Tally::new("pupkit_cache_loader_errors_total", labels()),
+            coalesced_loads: Tally::new("pupkit_cache_coalesced_loads_total", labels()),
             backend_errors: errors("backend"),
             corrupt_entries: errors("corrupt"),
             stale_by_tag: Tally::new("pupkit_cache_stale_by_tag_total", labels()),
@@ -164,6 +166,7 @@ impl CacheTally {
             l0_weighted_bytes,
             loader_calls: self.loader_calls.get(),
             loader_errors: self.loader_errors.get(),
+            coalesced_loads: self.coalesced_loads.get(),
             backend_errors: self.backend_errors.get(),
             corrupt_entries: self.corrupt_entries.get(),
             stale_by_tag: self.stale_by_tag.get(),
@@ -234,6 +237,8 @@ pub struct CacheStats {
     pub loader_calls: u64,
     /// Loader calls that failed.
     pub loader_errors: u64,
+    /// Callers that joined a load already in flight for their key instead of loading.
+    pub coalesced_loads: u64,
     /// Shared-tier calls that failed or timed out.
     pub backend_errors: u64,
     /// Stored entries that did not decode and were deleted.

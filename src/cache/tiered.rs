@@ -13,6 +13,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::config::{EntryOptions, TieredConfig};
+use super::flight::{self, Flights, Join, LoadFailure, Outcome, SharedLoadFailure};
 use super::keys::{check_key, check_tags};
 use super::l0::{L0, LocalStamps};
 use super::memory::{MemoryTiers, wall_us};
@@ -118,6 +119,7 @@ struct Inner<V> {
     store: Option<Arc<dyn TierStore>>,
     tally: Arc<CacheTally>,
     stamps: LocalStamps,
+    flights: Arc<Flights<V>>,
     /// Store clock minus local clock, in µs, as last seen; estimates the store's clock when it
     /// cannot be asked.
     clock_offset_us: AtomicI64,
@@ -197,6 +199,7 @@ where
                 encode: config.encode_options(),
                 default_tier: config.tier_index(&config.default_tier)?,
                 stamps: LocalStamps::new(config.l0.ttl),
+                flights: Flights::new(),
                 config,
                 l0,
                 store,
@@ -299,8 +302,11 @@ where
 
     /// The value under `key`, or else `loader`'s, which is cached with `options`.
     ///
-    /// Options are checked before the loader runs. If the loaded value cannot be cached (too
-    /// large, or the shared tiers are down) it is still returned, and the failure counted.
+    /// Concurrent calls for the same missing key share one load (single-flight): the loader
+    /// runs once, in its own task, and every caller gets its value or its error. A caller that
+    /// gives up cancels nothing. Options are checked before the loader runs. If the loaded
+    /// value cannot be cached (too large, or the shared tiers are down) it is still returned,
+    /// and the failure counted. Must be called within a Tokio runtime.
     pub async fn get_or_load<F, Fut, E>(
         &self,
         key: &str,
@@ -308,28 +314,64 @@ where
         loader: F,
     ) -> Result<Arc<V>>
     where
-        F: FnOnce() -> Fut + Send,
-        Fut: Future<Output = Result<V, E>> + Send,
-        E: Into<BoxError>,
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<V, E>> + Send + 'static,
+        E: Into<BoxError> + 'static,
     {
         self.check_options(options)?;
         if let Some(value) = self.get(key).await? {
             return Ok(value);
         }
-        let inner = &*self.inner;
-        inner.tally.loader_calls.add(1);
-        let value = match loader().await {
-            Ok(value) => Arc::new(value),
-            Err(error) => {
-                inner.tally.loader_errors.add(1);
-                return Err(Error::Loader {
-                    key: excerpt(key),
-                    source: error.into(),
+        let slot = match self.inner.flights.join(key) {
+            Join::Follow(slot) => {
+                self.inner.tally.coalesced_loads.add(1);
+                slot
+            }
+            Join::Lead(guard) => {
+                let slot = guard.subscribe();
+                let cache = self.clone();
+                let (key, options) = (key.to_owned(), options.clone());
+                tokio::spawn(async move {
+                    let outcome = cache.load_one(&key, &options, loader).await;
+                    guard.finish(outcome);
                 });
+                slot
             }
         };
-        self.cache_loaded(vec![(key, value.clone())], options).await;
-        Ok(value)
+        flight::wait(slot).await.map_err(|failure| Error::Loader {
+            key: excerpt(key),
+            source: Box::new(failure),
+        })
+    }
+
+    /// The leader's part of a single-flight load: check again, load, cache.
+    async fn load_one<F, Fut, E>(&self, key: &str, options: &EntryOptions, loader: F) -> Outcome<V>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<V, E>>,
+        E: Into<BoxError>,
+    {
+        let inner = &*self.inner;
+        // A load that finished between this caller's miss and its lead has filled L0 (not
+        // counted again as a lookup).
+        if let Some(l0) = &inner.l0
+            && let Some(value) = l0.get(key, &inner.stamps).await
+        {
+            return Ok(value);
+        }
+        inner.tally.loader_calls.add(1);
+        let loaded: Result<V, BoxError> = loader().await.map_err(Into::into);
+        match loaded {
+            Ok(value) => {
+                let value = Arc::new(value);
+                self.cache_loaded(vec![(key, value.clone())], options).await;
+                Ok(value)
+            }
+            Err(error) => {
+                inner.tally.loader_errors.add(1);
+                Err(SharedLoadFailure(Arc::new(LoadFailure::Failed(error))))
+            }
+        }
     }
 
     /// The values under `keys`, in order; `loader` is called once, with only the keys that no
