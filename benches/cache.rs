@@ -4,6 +4,7 @@
 //! `cargo bench --bench cache --features redis` (Redis at `PUPKIT_REDIS_URL`, default local).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group};
@@ -280,6 +281,70 @@ where
     group.finish();
 }
 
+/// 1,000 concurrent `get_or_load` calls of one cold key whose loader sleeps 5 ms, against one
+/// loader call plus one raw GET round trip. Each iteration uses a new key.
+fn stampede_1000(c: &mut Criterion) {
+    const CALLERS: usize = 1000;
+    let rt = Runtime::new().unwrap();
+    let cache: Tiered<Message> = Tiered::builder(config(true))
+        .redis(connection(&rt))
+        .build()
+        .unwrap();
+    let raw = raw_connection(&rt);
+    let key = envelope_key("stampede:probe");
+    let loads = Arc::new(AtomicUsize::new(0));
+    let iterations = Arc::new(AtomicUsize::new(0));
+    let mut group = c.benchmark_group("stampede_1000");
+    group.bench_function("raw_loader_and_get", |b| {
+        b.to_async(&rt).iter(|| {
+            let mut raw = raw.clone();
+            let key = key.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                let _: Option<Vec<u8>> = redis::cmd("GET")
+                    .arg(&key)
+                    .query_async(&mut raw)
+                    .await
+                    .unwrap();
+            }
+        })
+    });
+    group.bench_function("pupkit", |b| {
+        b.to_async(&rt).iter(|| {
+            let cache = cache.clone();
+            let loads = loads.clone();
+            let round = iterations.fetch_add(1, Ordering::Relaxed);
+            async move {
+                let key = format!("stampede:{round}");
+                let callers: Vec<_> = (0..CALLERS)
+                    .map(|_| {
+                        let (cache, loads, key) = (cache.clone(), loads.clone(), key.clone());
+                        tokio::spawn(async move {
+                            cache
+                                .get_or_load(&key, &EntryOptions::new(), move || async move {
+                                    loads.fetch_add(1, Ordering::Relaxed);
+                                    tokio::time::sleep(Duration::from_millis(5)).await;
+                                    Ok::<_, std::io::Error>(message(1))
+                                })
+                                .await
+                                .unwrap()
+                        })
+                    })
+                    .collect();
+                for caller in callers {
+                    caller.await.unwrap();
+                }
+            }
+        })
+    });
+    group.finish();
+    let rounds = iterations.load(Ordering::Relaxed);
+    println!(
+        "stampede_1000: {} loader calls over {rounds} rounds of {CALLERS} callers",
+        loads.load(Ordering::Relaxed)
+    );
+}
+
 /// Payload formats on the benchmark's value: what the default format was chosen on.
 fn formats(c: &mut Criterion) {
     let value = message(1);
@@ -428,6 +493,12 @@ fn print_ratios(started: Instant) {
             "64 tasks, embedding hits vs raw GETs (time)",
             "<= 1.11x (throughput >= 0.9x)",
         ),
+        (
+            "stampede_1000",
+            "raw_loader_and_get",
+            "1,000 callers of a cold key vs one 5 ms load + one GET",
+            "<= 1.5x",
+        ),
     ];
     for (group, baseline, label, target) in rows {
         match (
@@ -455,7 +526,7 @@ criterion_group! {
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3))
         .sample_size(30);
-    targets = l0_hit, redis_hit, get_many_100, concurrent_64, formats
+    targets = l0_hit, redis_hit, get_many_100, concurrent_64, stampede_1000, formats
 }
 
 fn main() {

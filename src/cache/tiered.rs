@@ -239,17 +239,23 @@ where
 
     /// The value under `key`, from the first tier that holds a valid copy.
     pub async fn get(&self, key: &str) -> Result<Option<Arc<V>>> {
-        let inner = &*self.inner;
-        check_key(key, inner.config.max_key_bytes)?;
-        if let Some(l0) = &inner.l0 {
-            if let Some(value) = l0.get(key, &inner.stamps).await {
-                inner.tally.l0().hits.add(1);
-                return Ok(Some(value));
-            }
-            inner.tally.l0().misses.add(1);
+        check_key(key, self.inner.config.max_key_bytes)?;
+        if let Some(value) = self.l0_lookup(key).await {
+            return Ok(Some(value));
         }
-        let mut found = self.probe_shared(&[key]).await;
-        Ok(found.pop().flatten())
+        Ok(self.probe_shared(&[key]).await.pop().flatten())
+    }
+
+    /// A counted L0 lookup (`None` also when there is no L0).
+    async fn l0_lookup(&self, key: &str) -> Option<Arc<V>> {
+        let inner = &*self.inner;
+        let l0 = inner.l0.as_ref()?;
+        let value = l0.get(key, &inner.stamps).await;
+        match value {
+            Some(_) => inner.tally.l0().hits.add(1),
+            None => inner.tally.l0().misses.add(1),
+        }
+        value
     }
 
     /// The values under `keys`, in order. L0 misses are probed in one round trip.
@@ -318,10 +324,13 @@ where
         Fut: Future<Output = Result<V, E>> + Send + 'static,
         E: Into<BoxError> + 'static,
     {
+        check_key(key, self.inner.config.max_key_bytes)?;
         self.check_options(options)?;
-        if let Some(value) = self.get(key).await? {
+        if let Some(value) = self.l0_lookup(key).await {
             return Ok(value);
         }
+        // Join before reading the shared tiers, so that a stampede costs one probe, not one
+        // per caller.
         let slot = match self.inner.flights.join(key) {
             Join::Follow(slot) => {
                 self.inner.tally.coalesced_loads.add(1);
@@ -344,7 +353,7 @@ where
         })
     }
 
-    /// The leader's part of a single-flight load: check again, load, cache.
+    /// The leader's part of a single-flight load: L0 again, the shared tiers, then the loader.
     async fn load_one<F, Fut, E>(&self, key: &str, options: &EntryOptions, loader: F) -> Outcome<V>
     where
         F: FnOnce() -> Fut,
@@ -357,6 +366,9 @@ where
         if let Some(l0) = &inner.l0
             && let Some(value) = l0.get(key, &inner.stamps).await
         {
+            return Ok(value);
+        }
+        if let Some(value) = self.probe_shared(&[key]).await.pop().flatten() {
             return Ok(value);
         }
         inner.tally.loader_calls.add(1);
