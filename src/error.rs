@@ -79,6 +79,19 @@ pub enum Error {
         after: Duration,
     },
 
+    /// A backend was not called because its circuit breaker is open.
+    #[error(
+        "{backend} {operation} skipped: circuit breaker open after repeated failures (next probe in {retry_in:?})"
+    )]
+    Unavailable {
+        /// The backend ("redis", ...).
+        backend: &'static str,
+        /// The operation that was skipped.
+        operation: &'static str,
+        /// Time left before the breaker lets a probe through.
+        retry_in: Duration,
+    },
+
     /// The caller's loader failed; its error is the source.
     #[error("loader for key {key:?} failed")]
     Loader {
@@ -104,9 +117,12 @@ impl Error {
         )
     }
 
-    /// True when a backend failed or timed out.
+    /// True when a backend failed, timed out, or was skipped by its open circuit breaker.
     pub fn is_backend(&self) -> bool {
-        matches!(self, Error::Backend { .. } | Error::Timeout { .. })
+        matches!(
+            self,
+            Error::Backend { .. } | Error::Timeout { .. } | Error::Unavailable { .. }
+        )
     }
 
     /// True when the caller's loader failed.

@@ -7,7 +7,8 @@
 //! |---|---|
 //! | [`cache`] | [`TieredCache`](cache::TieredCache): an in-process L0 (moka) in front of Redis hot/warm/cold tiers, one round trip per read, tag invalidation by timestamp, lz4 compression, promotion of hot entries |
 //! | [`codec`] | the versioned envelope every cached value is stored in |
-//! | `redis` | [`RedisConnection`](crate::redis::RedisConnection): one shared multiplexed connection with a deadline on every operation (feature `redis`) |
+//! | `redis` | [`RedisConnection`](crate::redis::RedisConnection): one shared multiplexed connection with a deadline on every operation and a circuit breaker (feature `redis`) |
+//! | [`resilience`] | [`CircuitBreaker`](resilience::CircuitBreaker), shared by every backend |
 //!
 //! ## Quick start
 //!
@@ -68,6 +69,7 @@ pub mod codec;
 mod error;
 #[cfg(feature = "redis")]
 pub mod redis;
+pub mod resilience;
 mod serde_duration;
 
 pub use error::{BoxError, Error, Result};

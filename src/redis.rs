@@ -11,6 +11,7 @@ use ::redis::{Cmd, FromRedisValue, Script, ScriptInvocation};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::resilience::{BreakerConfig, BreakerStats, CircuitBreaker};
 
 /// Where Redis is and how long to wait for it. `Debug` hides the password in the URL.
 #[derive(Clone, Serialize, Deserialize)]
@@ -28,6 +29,9 @@ pub struct RedisConfig {
     /// Deadline of one connection attempt. Default 1 s.
     #[serde(with = "crate::serde_duration")]
     pub connect_timeout: Duration,
+    /// The circuit breaker in front of this connection: while Redis keeps failing, operations
+    /// fail at once instead of waiting for their deadline.
+    pub breaker: BreakerConfig,
 }
 
 impl Default for RedisConfig {
@@ -36,6 +40,7 @@ impl Default for RedisConfig {
             url: "redis://127.0.0.1:6379".to_owned(),
             op_timeout: Duration::from_millis(100),
             connect_timeout: Duration::from_secs(1),
+            breaker: BreakerConfig::default(),
         }
     }
 }
@@ -64,6 +69,7 @@ impl fmt::Debug for RedisConfig {
             .field("url", &redact_url(&self.url))
             .field("op_timeout", &self.op_timeout)
             .field("connect_timeout", &self.connect_timeout)
+            .field("breaker", &self.breaker)
             .finish()
     }
 }
@@ -91,12 +97,15 @@ pub(crate) fn redact_url(url: &str) -> String {
 }
 
 /// One multiplexed Redis connection, shared by clones, that reconnects by itself. Every
-/// operation has a deadline ([`RedisConfig::op_timeout`]).
+/// operation has a deadline ([`RedisConfig::op_timeout`]) and goes through a circuit breaker:
+/// after repeated connection failures or timeouts, operations fail at once
+/// ([`Error::Unavailable`]) until a probe after the cool-down succeeds.
 #[derive(Clone)]
 pub struct RedisConnection {
     manager: ConnectionManager,
     op_timeout: Duration,
     url: Arc<str>,
+    breaker: Arc<CircuitBreaker>,
 }
 
 impl fmt::Debug for RedisConnection {
@@ -140,6 +149,7 @@ impl RedisConnection {
             manager,
             op_timeout: config.op_timeout,
             url: redacted.into(),
+            breaker: Arc::new(CircuitBreaker::new("redis", config.breaker.clone())),
         })
     }
 
@@ -153,6 +163,11 @@ impl RedisConnection {
     /// The deadline of each operation.
     pub fn op_timeout(&self) -> Duration {
         self.op_timeout
+    }
+
+    /// The circuit breaker's state and counters.
+    pub fn breaker(&self) -> BreakerStats {
+        self.breaker.stats()
     }
 
     /// Runs one command (or a pipeline packed as one) within the deadline.
@@ -226,18 +241,39 @@ impl RedisConnection {
         operation: &'static str,
         work: impl Future<Output = ::redis::RedisResult<T>>,
     ) -> Result<T> {
+        let Some(admission) = self.breaker.allow() else {
+            return Err(Error::Unavailable {
+                backend: "redis",
+                operation,
+                retry_in: self.breaker.retry_in(),
+            });
+        };
         match tokio::time::timeout(self.op_timeout, work).await {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(error)) => Err(Error::Backend {
-                backend: "redis",
-                operation,
-                source: Box::new(error),
-            }),
-            Err(_) => Err(Error::Timeout {
-                backend: "redis",
-                operation,
-                after: self.op_timeout,
-            }),
+            Ok(Ok(value)) => {
+                self.breaker.record(admission, true);
+                Ok(value)
+            }
+            Ok(Err(error)) => {
+                // An error reply means Redis is up; only a failing connection trips the breaker.
+                let connection_failed = error.is_io_error()
+                    || error.is_connection_dropped()
+                    || error.is_connection_refusal()
+                    || error.is_timeout();
+                self.breaker.record(admission, !connection_failed);
+                Err(Error::Backend {
+                    backend: "redis",
+                    operation,
+                    source: Box::new(error),
+                })
+            }
+            Err(_) => {
+                self.breaker.record(admission, false);
+                Err(Error::Timeout {
+                    backend: "redis",
+                    operation,
+                    after: self.op_timeout,
+                })
+            }
         }
     }
 }

@@ -495,6 +495,7 @@ mod redis {
     use std::time::Instant;
 
     use pupkit::redis::{RedisConfig, RedisConnection};
+    use pupkit::resilience::BreakerState;
 
     use super::support::redis::{PrivateRedis, connect, delete_prefix, raw};
     use super::support::unique_prefix;
@@ -774,13 +775,18 @@ mod redis {
             assert_eq!(*loaded, message(1), "{key}: the loader answered");
         }
         assert_eq!(cache.stats().corrupt_entries, cases.len() as u64);
-        // Each corrupt copy was deleted, and the loader's value written in its place.
+        // Each corrupt copy was deleted, and the loader's value written in its place (in the
+        // background, after the caller got it).
         for (key, _) in &cases {
-            assert_eq!(
-                cache.get(key).await.unwrap().as_deref(),
-                Some(&message(1)),
-                "{key}"
-            );
+            let mut written = None;
+            for _ in 0..200 {
+                written = cache.get(key).await.unwrap();
+                if written.is_some() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            assert_eq!(written.as_deref(), Some(&message(1)), "{key}");
         }
         assert_eq!(cache.get("good").await.unwrap().as_deref(), Some(&big));
         delete_prefix(&prefix).await;
@@ -845,18 +851,83 @@ mod redis {
             "took {:?}",
             started.elapsed()
         );
-        let stats = cache.stats();
-        assert!(
-            stats.backend_errors >= 2,
-            "probe and write failures are counted: {stats:?}"
-        );
-        assert!(stats.backend_failing);
+        // The probe's failure, and the write's, which happens after the caller has its value.
+        eventually("both failures counted", || {
+            cache.stats().backend_errors >= 2
+        })
+        .await;
+        assert!(cache.stats().backend_failing);
         // Writes report the failure to the caller.
         let err = cache
             .set("k2", message(2), &EntryOptions::new())
             .await
             .unwrap_err();
         assert!(err.is_backend(), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_killed_redis_opens_the_breaker_and_a_restart_closes_it() {
+        let Some(mut server) = PrivateRedis::start() else {
+            return;
+        };
+        let mut redis_config = RedisConfig::new(server.url());
+        redis_config.op_timeout = Duration::from_millis(200);
+        redis_config.breaker.consecutive_failures = 3;
+        redis_config.breaker.cool_down = Duration::from_millis(300);
+        redis_config.breaker.jitter = 0.0;
+        let connection = RedisConnection::lazy(&redis_config).unwrap();
+        let cache = cache(
+            &connection,
+            config(&unique_prefix("breaker"), "msgs", false),
+        )
+        .await;
+        cache
+            .set("k", message(1), &EntryOptions::new())
+            .await
+            .unwrap();
+        server.kill();
+
+        // While Redis is down no call waits longer than the operation timeout plus the
+        // loader (here instant); the slack covers a slow machine, not a second timeout.
+        let bound = redis_config.op_timeout + Duration::from_millis(800);
+        for i in 0..12 {
+            let started = Instant::now();
+            let value = cache
+                .get_or_load(
+                    &format!("down:{i}"),
+                    &EntryOptions::new(),
+                    move || async move { Ok::<_, std::io::Error>(message(i)) },
+                )
+                .await
+                .unwrap();
+            assert_eq!(*value, message(i));
+            assert!(
+                started.elapsed() < bound,
+                "call {i} took {:?}",
+                started.elapsed()
+            );
+        }
+        let breaker = cache.stats().breaker.expect("Redis tiers have a breaker");
+        assert_ne!(breaker.state, BreakerState::Closed, "{breaker:?}");
+        assert!(breaker.opened >= 1 && breaker.rejected >= 1, "{breaker:?}");
+        let err = cache
+            .set("x", message(9), &EntryOptions::new())
+            .await
+            .unwrap_err();
+        assert!(err.is_backend(), "{err}");
+
+        server.restart();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while cache
+            .set("k2", message(2), &EntryOptions::new())
+            .await
+            .is_err()
+        {
+            assert!(Instant::now() < deadline, "the breaker never closed");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(cache.stats().breaker.unwrap().state, BreakerState::Closed);
+        assert_eq!(cache.get("k2").await.unwrap().as_deref(), Some(&message(2)));
     }
 
     #[tokio::test]

@@ -111,8 +111,9 @@ impl<V: Send + Sync + 'static> FlightGuard<V> {
         self.sender.subscribe()
     }
 
-    /// Publishes the outcome to every waiter.
-    pub(crate) fn finish(self, outcome: Outcome<V>) {
+    /// Publishes the outcome to every waiter. The key stays in flight until the guard drops,
+    /// so callers arriving meanwhile (while the value is being cached) get it too.
+    pub(crate) fn publish(&self, outcome: Outcome<V>) {
         self.sender.send_replace(Some(outcome));
     }
 }
@@ -163,9 +164,14 @@ mod tests {
             panic!("the second caller follows");
         };
         let leader = guard.subscribe();
-        guard.finish(Ok(Arc::new(7)));
+        guard.publish(Ok(Arc::new(7)));
         assert_eq!(*wait(leader).await.unwrap(), 7);
         assert_eq!(*wait(follower).await.unwrap(), 7);
+        let Join::Follow(late) = flights.join("k") else {
+            panic!("still in flight until the guard drops");
+        };
+        assert_eq!(*wait(late).await.unwrap(), 7);
+        drop(guard);
         assert_eq!(flights.len(), 0);
         assert!(matches!(flights.join("k"), Join::Lead(_)));
     }

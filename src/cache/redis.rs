@@ -692,6 +692,10 @@ impl TierStore for RedisTiers {
         "redis"
     }
 
+    fn breaker(&self) -> Option<crate::resilience::BreakerStats> {
+        Some(self.connection.breaker())
+    }
+
     async fn probe(&self, keys: &[&str]) -> Result<Probe> {
         let mut probe = Probe {
             found: Vec::with_capacity(keys.len()),

@@ -172,6 +172,7 @@ impl CacheTally {
             stale_by_tag: self.stale_by_tag.get(),
             oversized_values: self.oversized_values.get(),
             backend_failing: self.backend_failing.load(Ordering::Relaxed),
+            breaker: None,
         }
     }
 }
@@ -249,6 +250,8 @@ pub struct CacheStats {
     pub oversized_values: u64,
     /// The last shared-tier call failed.
     pub backend_failing: bool,
+    /// The circuit breaker in front of the shared tiers, if they have one.
+    pub breaker: Option<crate::resilience::BreakerStats>,
 }
 
 impl CacheStats {

@@ -96,4 +96,9 @@ pub trait TierStore: Send + Sync + fmt::Debug + 'static {
 
     /// Records that every entry created until now is invalid. Returns the timestamp written.
     async fn clear(&self) -> Result<u64>;
+
+    /// The state of the circuit breaker in front of the store, if it has one.
+    fn breaker(&self) -> Option<crate::resilience::BreakerStats> {
+        None
+    }
 }

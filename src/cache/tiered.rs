@@ -341,8 +341,23 @@ where
                 let cache = self.clone();
                 let (key, options) = (key.to_owned(), options.clone());
                 tokio::spawn(async move {
-                    let outcome = cache.load_one(&key, &options, loader).await;
-                    guard.finish(outcome);
+                    let (outcome, loaded) = cache.load_one(&key, loader).await;
+                    let loaded = loaded
+                        .map(|value| (key.as_str(), value))
+                        .into_iter()
+                        .collect();
+                    let (l0_inserts, writes) =
+                        cache.split_writes(cache.prepare_loaded(loaded, &options));
+                    // L0 has the value before anyone is told; the shared tiers are written
+                    // after, so waiters do not wait for them.
+                    cache
+                        .fill_l0(l0_inserts, cache.store_clock_estimate(), &options)
+                        .await;
+                    guard.publish(outcome);
+                    if let (Some(store), false) = (&cache.inner.store, writes.is_empty()) {
+                        let _ = cache.track(store.backend(), store.write(writes).await);
+                    }
+                    drop(guard);
                 });
                 slot
             }
@@ -354,7 +369,8 @@ where
     }
 
     /// The leader's part of a single-flight load: L0 again, the shared tiers, then the loader.
-    async fn load_one<F, Fut, E>(&self, key: &str, options: &EntryOptions, loader: F) -> Outcome<V>
+    /// Returns the outcome, and the value when it is new and still to be cached.
+    async fn load_one<F, Fut, E>(&self, key: &str, loader: F) -> (Outcome<V>, Option<Arc<V>>)
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<V, E>>,
@@ -366,22 +382,24 @@ where
         if let Some(l0) = &inner.l0
             && let Some(value) = l0.get(key, &inner.stamps).await
         {
-            return Ok(value);
+            return (Ok(value), None);
         }
         if let Some(value) = self.probe_shared(&[key]).await.pop().flatten() {
-            return Ok(value);
+            return (Ok(value), None);
         }
         inner.tally.loader_calls.add(1);
         let loaded: Result<V, BoxError> = loader().await.map_err(Into::into);
         match loaded {
             Ok(value) => {
                 let value = Arc::new(value);
-                self.cache_loaded(vec![(key, value.clone())], options).await;
-                Ok(value)
+                (Ok(value.clone()), Some(value))
             }
             Err(error) => {
                 inner.tally.loader_errors.add(1);
-                Err(SharedLoadFailure(Arc::new(LoadFailure::Failed(error))))
+                (
+                    Err(SharedLoadFailure(Arc::new(LoadFailure::Failed(error)))),
+                    None,
+                )
             }
         }
     }
@@ -513,9 +531,12 @@ where
     /// A snapshot of the counters.
     pub fn stats(&self) -> CacheStats {
         let (entries, bytes) = self.inner.l0.as_ref().map_or((0, 0), L0::size);
-        self.inner
+        let mut stats = self
+            .inner
             .tally
-            .snapshot(self.inner.l0.is_some(), entries, bytes)
+            .snapshot(self.inner.l0.is_some(), entries, bytes);
+        stats.breaker = self.inner.store.as_ref().and_then(|store| store.breaker());
+        stats
     }
 
     fn check_options(&self, options: &EntryOptions) -> Result<(usize, Duration)> {
@@ -559,11 +580,29 @@ where
     /// Writes prepared entries to the store, then to L0. Returns the store's error, if any,
     /// after L0 is updated.
     async fn write(&self, prepared: Vec<Prepared<'_, V>>, options: &EntryOptions) -> Result<()> {
+        let (l0_inserts, writes) = self.split_writes(prepared);
         let inner = &*self.inner;
+        let (created_us, result) = match &inner.store {
+            Some(store) => match self.track(store.backend(), store.write(writes).await) {
+                Ok(now) => (now, Ok(())),
+                Err(error) => (self.store_clock_estimate(), Err(error)),
+            },
+            None => (self.store_clock_estimate(), Ok(())),
+        };
+        self.fill_l0(l0_inserts, created_us, options).await;
+        result
+    }
+
+    /// Counts the bytes of prepared writes and splits them into L0 inserts and store writes.
+    #[allow(clippy::type_complexity)]
+    fn split_writes<'k>(
+        &self,
+        prepared: Vec<Prepared<'k, V>>,
+    ) -> (Vec<(&'k str, Arc<V>, Duration, usize)>, Vec<Write<'k>>) {
         let mut l0_inserts = Vec::with_capacity(prepared.len());
         let mut writes = Vec::with_capacity(prepared.len());
         for p in prepared {
-            let tally = inner.tally.shared(p.tier);
+            let tally = self.inner.tally.shared(p.tier);
             tally.bytes_raw.add(p.encoded.raw_len as u64);
             tally.bytes_stored.add(p.encoded.stored_len as u64);
             l0_inserts.push((p.key, p.value, p.ttl, p.encoded.bytes.len()));
@@ -574,15 +613,18 @@ where
                 envelope: p.encoded.bytes,
             });
         }
-        let (created_us, result) = match &inner.store {
-            Some(store) => match self.track(store.backend(), store.write(writes).await) {
-                Ok(now) => (now, Ok(())),
-                Err(error) => (self.store_clock_estimate(), Err(error)),
-            },
-            None => (self.store_clock_estimate(), Ok(())),
-        };
+        (l0_inserts, writes)
+    }
+
+    async fn fill_l0(
+        &self,
+        inserts: Vec<(&str, Arc<V>, Duration, usize)>,
+        created_us: u64,
+        options: &EntryOptions,
+    ) {
+        let inner = &*self.inner;
         if let Some(l0) = &inner.l0 {
-            for (key, value, ttl, len) in l0_inserts {
+            for (key, value, ttl, len) in inserts {
                 l0.insert(
                     key,
                     value,
@@ -595,12 +637,15 @@ where
                 .await;
             }
         }
-        result
     }
 
-    /// Caches freshly loaded values; failures are counted and logged, not returned, because
-    /// the caller has its value.
-    async fn cache_loaded(&self, loaded: Vec<(&str, Arc<V>)>, options: &EntryOptions) {
+    /// Prepares freshly loaded values for caching; a value that cannot be cached is counted
+    /// and logged, not returned, because the caller has it.
+    fn prepare_loaded<'k>(
+        &self,
+        loaded: Vec<(&'k str, Arc<V>)>,
+        options: &EntryOptions,
+    ) -> Vec<Prepared<'k, V>> {
         let mut prepared = Vec::with_capacity(loaded.len());
         for (key, value) in loaded {
             match self.prepare(key, value, options) {
@@ -611,6 +656,12 @@ where
                 }
             }
         }
+        prepared
+    }
+
+    /// Caches freshly loaded values (see [`prepare_loaded`](Self::prepare_loaded)).
+    async fn cache_loaded(&self, loaded: Vec<(&str, Arc<V>)>, options: &EntryOptions) {
+        let prepared = self.prepare_loaded(loaded, options);
         if !prepared.is_empty() {
             // A store failure is already counted and logged by `write`.
             let _ = self.write(prepared, options).await;

@@ -1,0 +1,6 @@
+//! Resilience shared by every backend: a [`CircuitBreaker`] that stops calling a backend that
+//! keeps failing, and lets it prove itself again with a few probes after a cool-down.
+
+mod breaker;
+
+pub use breaker::{Admission, BreakerConfig, BreakerState, BreakerStats, CircuitBreaker};
