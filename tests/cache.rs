@@ -71,6 +71,15 @@ impl TierStore for CountingStore {
     async fn clear(&self) -> pupkit::Result<u64> {
         self.inner.clear().await
     }
+    async fn try_lock(&self, key: &str, token: u128, lease: Duration) -> pupkit::Result<bool> {
+        self.inner.try_lock(key, token, lease).await
+    }
+    async fn extend_lock(&self, key: &str, token: u128, lease: Duration) -> pupkit::Result<bool> {
+        self.inner.extend_lock(key, token, lease).await
+    }
+    async fn unlock(&self, key: &str, token: u128) -> pupkit::Result<()> {
+        self.inner.unlock(key, token).await
+    }
 }
 
 #[tokio::test]
@@ -664,6 +673,131 @@ mod redis {
         b.clear().await.unwrap();
         tokio::time::sleep(Duration::from_millis(500)).await;
         assert!(a.get("k3").await.unwrap().is_none());
+        delete_prefix(&prefix).await;
+    }
+
+    /// `instances` caches on one Redis (each its own L0), `callers` concurrent get_or_load
+    /// calls of one cold key on each; returns the loader calls.
+    async fn stampede(
+        redis: &RedisConnection,
+        instances: usize,
+        callers: usize,
+        options: EntryOptions,
+    ) -> usize {
+        let prefix = unique_prefix("stampede");
+        let calls = Arc::new(AtomicUsize::new(0));
+        let mut tasks = Vec::new();
+        for _ in 0..instances {
+            let node = cache(redis, config(&prefix, "msgs", true)).await;
+            for _ in 0..callers {
+                let (node, calls, options) = (node.clone(), calls.clone(), options.clone());
+                tasks.push(tokio::spawn(async move {
+                    node.get_or_load("cold", &options, move || async move {
+                        calls.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        Ok::<_, std::io::Error>(message(1))
+                    })
+                    .await
+                }));
+            }
+        }
+        for task in tasks {
+            assert_eq!(*task.await.unwrap().unwrap(), message(1));
+        }
+        delete_prefix(&prefix).await;
+        calls.load(Ordering::SeqCst)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn four_instances_of_250_callers_cause_one_load_with_the_lock() {
+        let Some(redis) = connect().await else { return };
+        assert_eq!(stampede(&redis, 4, 250, EntryOptions::new()).await, 1);
+        let without = stampede(&redis, 4, 250, EntryOptions::new().without_lock()).await;
+        assert!(
+            (1..=4).contains(&without),
+            "{without} loads without the lock"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_lock_holder_that_panics_or_dies_does_not_block_the_others() {
+        let Some(redis) = connect().await else { return };
+        let prefix = unique_prefix("lockdeath");
+        let mut patient = config(&prefix, "msgs", false);
+        patient.lock.wait = Duration::from_secs(60);
+        let a = cache(&redis, config(&prefix, "msgs", false)).await;
+        let b = cache(&redis, patient).await;
+        let mut raw = raw().await;
+        let lock_key = format!("{prefix}:msgs:{{k}}:#lock");
+
+        // A takes the lock, then its loader panics.
+        let gate = Arc::new(tokio::sync::Notify::new());
+        let holder = {
+            let (a, gate) = (a.clone(), gate.clone());
+            tokio::spawn(async move {
+                a.get_or_load("k", &EntryOptions::new(), move || async move {
+                    gate.notified().await;
+                    if true {
+                        panic!("loader bug");
+                    }
+                    Ok::<_, std::io::Error>(message(0))
+                })
+                .await
+            })
+        };
+        for _ in 0..1000 {
+            let held: bool = ::redis::cmd("EXISTS")
+                .arg(&lock_key)
+                .query_async(&mut raw)
+                .await
+                .unwrap();
+            if held {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let started = Instant::now();
+        let waiter = {
+            let b = b.clone();
+            tokio::spawn(async move {
+                b.get_or_load("k", &EntryOptions::new(), || async {
+                    Ok::<_, std::io::Error>(message(2))
+                })
+                .await
+            })
+        };
+        eventually("B waits on A's lock", || b.stats().lock_waits == 1).await;
+        gate.notify_waiters();
+        assert!(holder.await.unwrap().unwrap_err().is_loader());
+        assert_eq!(*waiter.await.unwrap().unwrap(), message(2));
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "B waited {:?}",
+            started.elapsed()
+        );
+        assert_eq!(
+            b.stats().lock_timeouts,
+            0,
+            "B got the lock, it did not give up waiting"
+        );
+
+        // A holder that died without releasing (a crashed process): its lease runs out.
+        let _: () = ::redis::cmd("SET")
+            .arg(format!("{prefix}:msgs:{{k2}}:#lock"))
+            .arg("a-dead-instance")
+            .arg("PX")
+            .arg(300)
+            .query_async(&mut raw)
+            .await
+            .unwrap();
+        let value = b
+            .get_or_load("k2", &EntryOptions::new(), || async {
+                Ok::<_, std::io::Error>(message(3))
+            })
+            .await
+            .unwrap();
+        assert_eq!(*value, message(3));
+        assert_eq!(b.stats().lock_timeouts, 0);
         delete_prefix(&prefix).await;
     }
 

@@ -28,6 +28,8 @@ pub struct TieredConfig {
     pub default_tier: String,
     /// When a frequently read entry is copied to the hottest tier.
     pub promotion: PromotionConfig,
+    /// The cross-instance load lock of `get_or_load`.
+    pub lock: LockConfig,
     /// How long an instance trusts the tag and clear timestamps it has fetched from the shared
     /// tiers before fetching them again (its own invalidations it knows at once). Another
     /// instance's `invalidate_tags` or `clear` may go unseen on this instance's shared-tier
@@ -67,6 +69,7 @@ impl Default for TieredConfig {
             ],
             default_tier: "warm".to_owned(),
             promotion: PromotionConfig::default(),
+            lock: LockConfig::default(),
             stamp_ttl: Duration::from_secs(1),
             max_ttl: Duration::from_secs(7 * 24 * 60 * 60),
             max_key_bytes: 512,
@@ -142,6 +145,12 @@ impl TieredConfig {
             return Err(Error::invalid(
                 "limits",
                 "max_key_bytes, max_value_bytes and max_ttl must be above zero",
+            ));
+        }
+        if self.lock.enabled && (self.lock.lease.is_zero() || self.lock.poll_min.is_zero()) {
+            return Err(Error::invalid(
+                "lock",
+                "an enabled lock needs a lease and poll_min above zero",
             ));
         }
         if self.promotion.reads > 0 && self.promotion.window.is_zero() {
@@ -249,6 +258,43 @@ impl Default for PromotionConfig {
     }
 }
 
+/// The cross-instance load lock: when several instances miss the same key, one loads and the
+/// others wait for the shared tiers to fill. It saves loader calls; it is not a guarantee
+/// (a lease can run out under a slow loader), so loaders must stay safe to run twice.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default)]
+#[non_exhaustive]
+pub struct LockConfig {
+    /// Whether `get_or_load` takes the lock (each call can opt out). Default true.
+    pub enabled: bool,
+    /// The lock's lease; the holder extends it every third of it while its loader runs.
+    /// Default 10 s.
+    #[serde(with = "crate::serde_duration")]
+    pub lease: Duration,
+    /// Longest a caller waits for another instance's load before loading itself. Default 5 s.
+    #[serde(with = "crate::serde_duration")]
+    pub wait: Duration,
+    /// First pause between a waiter's polls of the shared tiers; it doubles up to
+    /// `poll_max`. Default 5 ms.
+    #[serde(with = "crate::serde_duration")]
+    pub poll_min: Duration,
+    /// Longest pause between polls. Default 100 ms.
+    #[serde(with = "crate::serde_duration")]
+    pub poll_max: Duration,
+}
+
+impl Default for LockConfig {
+    fn default() -> Self {
+        LockConfig {
+            enabled: true,
+            lease: Duration::from_secs(10),
+            wait: Duration::from_secs(5),
+            poll_min: Duration::from_millis(5),
+            poll_max: Duration::from_millis(100),
+        }
+    }
+}
+
 /// Options of one write: TTL, home tier and tags. Unset fields take the cache's defaults.
 #[derive(Clone, Debug, Default)]
 #[non_exhaustive]
@@ -259,6 +305,8 @@ pub struct EntryOptions {
     pub tier: Option<Cow<'static, str>>,
     /// Tags, for [`invalidate_tags`](super::TieredCache::invalidate_tags).
     pub tags: Vec<String>,
+    /// `get_or_load` skips the cross-instance load lock. Default false.
+    pub skip_lock: bool,
 }
 
 impl EntryOptions {
@@ -276,6 +324,12 @@ impl EntryOptions {
     /// Sets the home tier by name (`"hot"`, `"warm"`, `"cold"` by default).
     pub fn tier(mut self, tier: impl Into<Cow<'static, str>>) -> Self {
         self.tier = Some(tier.into());
+        self
+    }
+
+    /// Skips the cross-instance load lock for this call.
+    pub fn without_lock(mut self) -> Self {
+        self.skip_lock = true;
         self
     }
 

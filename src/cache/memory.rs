@@ -54,6 +54,7 @@ pub struct MemoryTiers {
     read_counts: Cache<String, ReadCount>,
     promote_reads: u32,
     promote_window_us: u64,
+    locks: std::sync::Mutex<std::collections::HashMap<String, (u128, Instant)>>,
 }
 
 impl std::fmt::Debug for MemoryTiers {
@@ -100,6 +101,7 @@ impl MemoryTiers {
                 .max_capacity(1_000_000)
                 .time_to_live(config.max_ttl)
                 .build(),
+            locks: std::sync::Mutex::new(std::collections::HashMap::new()),
             promote_reads: config.promotion.reads,
             promote_window_us: config.promotion.window.as_micros() as u64,
         }
@@ -260,5 +262,36 @@ impl TierStore for MemoryTiers {
         let now = now_us();
         self.clear_us.fetch_max(now, Ordering::AcqRel);
         Ok(now)
+    }
+
+    async fn try_lock(&self, key: &str, token: u128, lease: Duration) -> Result<bool> {
+        let mut locks = self.locks.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        locks.retain(|_, (_, until)| *until > now);
+        if locks.contains_key(key) {
+            return Ok(false);
+        }
+        locks.insert(key.to_owned(), (token, now + lease));
+        Ok(true)
+    }
+
+    async fn extend_lock(&self, key: &str, token: u128, lease: Duration) -> Result<bool> {
+        let mut locks = self.locks.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        match locks.get_mut(key) {
+            Some((held, until)) if *held == token && *until > now => {
+                *until = now + lease;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    async fn unlock(&self, key: &str, token: u128) -> Result<()> {
+        let mut locks = self.locks.lock().unwrap_or_else(|e| e.into_inner());
+        if locks.get(key).is_some_and(|(held, _)| *held == token) {
+            locks.remove(key);
+        }
+        Ok(())
     }
 }

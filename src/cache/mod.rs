@@ -25,6 +25,7 @@ mod config;
 mod flight;
 mod keys;
 mod l0;
+mod lock;
 mod memory;
 #[cfg(feature = "redis")]
 mod redis;
@@ -32,7 +33,7 @@ mod stats;
 mod store;
 mod tiered;
 
-pub use config::{EntryOptions, L0Config, PromotionConfig, TierConfig, TieredConfig};
+pub use config::{EntryOptions, L0Config, LockConfig, PromotionConfig, TierConfig, TieredConfig};
 pub use memory::MemoryTiers;
 #[cfg(feature = "redis")]
 pub use redis::RedisTiers;

@@ -215,6 +215,14 @@ end
 return 0
 "#;
 
+/// Extends KEYS[1] to ARGV[2] ms if it still holds ARGV[1]. Returns 1 if extended.
+const EXTEND_LOCK_LUA: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"#;
+
 /// Sets each key to Redis's clock for ARGV[1] ms. Returns the clock.
 const STAMP_LUA: &str = concat!(
     now_lua!(),
@@ -231,6 +239,7 @@ static COUNT: LazyLock<Script> = LazyLock::new(|| script(COUNT_LUA));
 static WRITE: LazyLock<Script> = LazyLock::new(|| script(WRITE_LUA));
 static REMOVE_IF_UNCHANGED: LazyLock<Script> = LazyLock::new(|| script(REMOVE_IF_UNCHANGED_LUA));
 static STAMP: LazyLock<Script> = LazyLock::new(|| script(STAMP_LUA));
+static EXTEND_LOCK: LazyLock<Script> = LazyLock::new(|| script(EXTEND_LOCK_LUA));
 
 /// What this instance last saw of a key: the tags of its entry and the tier it came from.
 #[derive(Clone)]
@@ -781,6 +790,39 @@ impl TierStore for RedisTiers {
             self.recent.put_tag(tag, now);
         }
         Ok(now)
+    }
+
+    async fn try_lock(&self, key: &str, token: u128, lease: Duration) -> Result<bool> {
+        let mut set = ::redis::cmd("SET");
+        set.arg(KeyLayout::tier_key(&self.layout.entry(key), "#lock"))
+            .arg(format!("{token:032x}"))
+            .arg("NX")
+            .arg("PX")
+            .arg(lease.as_millis().max(1) as u64);
+        let reply: Value = self.connection.query("lock", &set).await?;
+        Ok(matches!(reply, Value::Okay) || matches!(&reply, Value::SimpleString(s) if s == "OK"))
+    }
+
+    async fn extend_lock(&self, key: &str, token: u128, lease: Duration) -> Result<bool> {
+        let mut invocation = EXTEND_LOCK.prepare_invoke();
+        invocation
+            .key(KeyLayout::tier_key(&self.layout.entry(key), "#lock"))
+            .arg(format!("{token:032x}"))
+            .arg(lease.as_millis().max(1) as u64);
+        let extended: i64 = self
+            .connection
+            .run_script("extend lock", &invocation)
+            .await?;
+        Ok(extended == 1)
+    }
+
+    async fn unlock(&self, key: &str, token: u128) -> Result<()> {
+        let mut invocation = REMOVE_IF_UNCHANGED.prepare_invoke();
+        invocation
+            .key(KeyLayout::tier_key(&self.layout.entry(key), "#lock"))
+            .arg(format!("{token:032x}"));
+        let _: i64 = self.connection.run_script("unlock", &invocation).await?;
+        Ok(())
     }
 
     async fn clear(&self) -> Result<u64> {

@@ -82,6 +82,8 @@ pub(crate) struct CacheTally {
     pub(crate) loader_calls: Tally,
     pub(crate) loader_errors: Tally,
     pub(crate) coalesced_loads: Tally,
+    pub(crate) lock_waits: Tally,
+    pub(crate) lock_timeouts: Tally,
     pub(crate) backend_errors: Tally,
     pub(crate) corrupt_entries: Tally,
     pub(crate) stale_by_tag: Tally,
@@ -111,6 +113,8 @@ impl CacheTally {
             loader_calls: Tally::new("pupkit_cache_loader_calls_total", labels()),
             loader_errors: Tally::new("pupkit_cache_loader_errors_total", labels()),
             coalesced_loads: Tally::new("pupkit_cache_coalesced_loads_total", labels()),
+            lock_waits: Tally::new("pupkit_cache_lock_waits_total", labels()),
+            lock_timeouts: Tally::new("pupkit_cache_lock_timeouts_total", labels()),
             backend_errors: errors("backend"),
             corrupt_entries: errors("corrupt"),
             stale_by_tag: Tally::new("pupkit_cache_stale_by_tag_total", labels()),
@@ -167,6 +171,8 @@ impl CacheTally {
             loader_calls: self.loader_calls.get(),
             loader_errors: self.loader_errors.get(),
             coalesced_loads: self.coalesced_loads.get(),
+            lock_waits: self.lock_waits.get(),
+            lock_timeouts: self.lock_timeouts.get(),
             backend_errors: self.backend_errors.get(),
             corrupt_entries: self.corrupt_entries.get(),
             stale_by_tag: self.stale_by_tag.get(),
@@ -240,6 +246,10 @@ pub struct CacheStats {
     pub loader_errors: u64,
     /// Callers that joined a load already in flight for their key instead of loading.
     pub coalesced_loads: u64,
+    /// Loads that waited for another instance holding the key's load lock.
+    pub lock_waits: u64,
+    /// Lock waits that ran out, after which this instance loaded anyway.
+    pub lock_timeouts: u64,
     /// Shared-tier calls that failed or timed out.
     pub backend_errors: u64,
     /// Stored entries that did not decode and were deleted.

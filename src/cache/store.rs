@@ -97,6 +97,16 @@ pub trait TierStore: Send + Sync + fmt::Debug + 'static {
     /// Records that every entry created until now is invalid. Returns the timestamp written.
     async fn clear(&self) -> Result<u64>;
 
+    /// Takes the load lock of `key` for `lease` if nobody holds it (`SET NX PX` with `token`).
+    /// Returns whether this caller now holds it.
+    async fn try_lock(&self, key: &str, token: u128, lease: Duration) -> Result<bool>;
+
+    /// Extends a held lock to `lease` from now; false if it was lost (expired or taken).
+    async fn extend_lock(&self, key: &str, token: u128, lease: Duration) -> Result<bool>;
+
+    /// Releases the lock if `token` still holds it (compare and delete).
+    async fn unlock(&self, key: &str, token: u128) -> Result<()>;
+
     /// The state of the circuit breaker in front of the store, if it has one.
     fn breaker(&self) -> Option<crate::resilience::BreakerStats> {
         None

@@ -16,6 +16,7 @@ use super::config::{EntryOptions, TieredConfig};
 use super::flight::{self, Flights, Join, LoadFailure, Outcome, SharedLoadFailure};
 use super::keys::{check_key, check_tags};
 use super::l0::{L0, LocalStamps};
+use super::lock::{Backoff, HeldLock};
 use super::memory::{MemoryTiers, wall_us};
 use super::stats::{CacheStats, CacheTally, error_chain};
 use super::store::{Found, Probe, TierStore, Write};
@@ -210,6 +211,16 @@ where
     }
 }
 
+/// How a leader's turn at the load lock ended.
+enum LockTurn<V> {
+    /// Another instance filled the key meanwhile.
+    Filled(Arc<V>),
+    /// This instance holds the lock and loads.
+    Held(HeldLock),
+    /// No lock (the wait ran out, or the store failed): load anyway.
+    Unlocked,
+}
+
 /// What a write needs after validation and encoding.
 struct Prepared<'k, V> {
     key: &'k str,
@@ -243,7 +254,7 @@ where
         if let Some(value) = self.l0_lookup(key).await {
             return Ok(Some(value));
         }
-        Ok(self.probe_shared(&[key]).await.pop().flatten())
+        Ok(self.probe_shared(&[key], true).await.pop().flatten())
     }
 
     /// A counted L0 lookup (`None` also when there is no L0).
@@ -284,7 +295,7 @@ where
             return Ok(out);
         }
         if let [i] = missing[..] {
-            out[i] = self.probe_shared(&[keys[i]]).await.pop().flatten();
+            out[i] = self.probe_shared(&[keys[i]], true).await.pop().flatten();
             return Ok(out);
         }
         // Probe each distinct key once.
@@ -299,7 +310,7 @@ where
                 })
             })
             .collect();
-        let found = self.probe_shared(&unique).await;
+        let found = self.probe_shared(&unique, true).await;
         for (&i, &slot) in missing.iter().zip(&slots) {
             out[i] = found[slot].clone();
         }
@@ -340,8 +351,9 @@ where
                 let slot = guard.subscribe();
                 let cache = self.clone();
                 let (key, options) = (key.to_owned(), options.clone());
+                let use_lock = self.inner.config.lock.enabled && !options.skip_lock;
                 tokio::spawn(async move {
-                    let (outcome, loaded) = cache.load_one(&key, loader).await;
+                    let (outcome, loaded, lock) = cache.load_one(&key, use_lock, loader).await;
                     let loaded = loaded
                         .map(|value| (key.as_str(), value))
                         .into_iter()
@@ -357,6 +369,10 @@ where
                     if let (Some(store), false) = (&cache.inner.store, writes.is_empty()) {
                         let _ = cache.track(store.backend(), store.write(writes).await);
                     }
+                    // Other instances waiting on the lock find the value in the shared tiers.
+                    if let Some(lock) = lock {
+                        lock.release().await;
+                    }
                     drop(guard);
                 });
                 slot
@@ -368,9 +384,15 @@ where
         })
     }
 
-    /// The leader's part of a single-flight load: L0 again, the shared tiers, then the loader.
-    /// Returns the outcome, and the value when it is new and still to be cached.
-    async fn load_one<F, Fut, E>(&self, key: &str, loader: F) -> (Outcome<V>, Option<Arc<V>>)
+    /// The leader's part of a single-flight load: L0 again, the shared tiers, the load lock
+    /// (another instance may be loading), then the loader. Returns the outcome, the value when
+    /// it is new and still to be cached, and the lock to release once it is.
+    async fn load_one<F, Fut, E>(
+        &self,
+        key: &str,
+        use_lock: bool,
+        loader: F,
+    ) -> (Outcome<V>, Option<Arc<V>>, Option<HeldLock>)
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<V, E>>,
@@ -382,24 +404,72 @@ where
         if let Some(l0) = &inner.l0
             && let Some(value) = l0.get(key, &inner.stamps).await
         {
-            return (Ok(value), None);
+            return (Ok(value), None, None);
         }
-        if let Some(value) = self.probe_shared(&[key]).await.pop().flatten() {
-            return (Ok(value), None);
+        if let Some(value) = self.probe_shared(&[key], true).await.pop().flatten() {
+            return (Ok(value), None, None);
+        }
+        let mut lock = None;
+        if let (true, Some(store)) = (use_lock, &inner.store) {
+            match self.lock_or_wait(store, key).await {
+                LockTurn::Filled(value) => return (Ok(value), None, None),
+                LockTurn::Held(held) => lock = Some(held),
+                LockTurn::Unlocked => {}
+            }
         }
         inner.tally.loader_calls.add(1);
         let loaded: Result<V, BoxError> = loader().await.map_err(Into::into);
         match loaded {
             Ok(value) => {
                 let value = Arc::new(value);
-                (Ok(value.clone()), Some(value))
+                (Ok(value.clone()), Some(value), lock)
             }
             Err(error) => {
                 inner.tally.loader_errors.add(1);
-                (
-                    Err(SharedLoadFailure(Arc::new(LoadFailure::Failed(error)))),
-                    None,
-                )
+                let failure = SharedLoadFailure(Arc::new(LoadFailure::Failed(error)));
+                (Err(failure), None, lock)
+            }
+        }
+    }
+
+    /// Takes the load lock of `key`, or waits (polling the shared tiers with backoff) for the
+    /// instance that holds it to fill the key. The wait is bounded by `lock.wait`; when it runs
+    /// out, or the store cannot lock, the caller loads without the lock.
+    async fn lock_or_wait(&self, store: &Arc<dyn TierStore>, key: &str) -> LockTurn<V> {
+        let inner = &*self.inner;
+        let config = &inner.config.lock;
+        let deadline = tokio::time::Instant::now() + config.wait;
+        let mut backoff = Backoff::new(config.poll_min, config.poll_max);
+        let mut waited = false;
+        loop {
+            match HeldLock::try_take(store, key, config.lease).await {
+                Ok(Some(held)) => {
+                    // Another instance may have filled the key just before releasing.
+                    if let Some(value) = self.probe_shared(&[key], false).await.pop().flatten() {
+                        held.release().await;
+                        return LockTurn::Filled(value);
+                    }
+                    return LockTurn::Held(held);
+                }
+                Ok(None) => {}
+                Err(error) => {
+                    let _ = self.track(store.backend(), Err::<(), _>(error));
+                    return LockTurn::Unlocked;
+                }
+            }
+            if !waited {
+                inner.tally.lock_waits.add(1);
+                waited = true;
+            }
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                inner.tally.lock_timeouts.add(1);
+                tracing::debug!(cache = %inner.config.name, key = %excerpt(key), "load lock wait ran out; loading without it");
+                return LockTurn::Unlocked;
+            }
+            tokio::time::sleep(backoff.pause().min(left)).await;
+            if let Some(value) = self.probe_shared(&[key], false).await.pop().flatten() {
+                return LockTurn::Filled(value);
             }
         }
     }
@@ -670,7 +740,9 @@ where
 
     /// Probes the shared tiers for `keys` and turns what they hold into values, backfilling
     /// L0. Failures count as misses.
-    async fn probe_shared(&self, keys: &[&str]) -> Vec<Option<Arc<V>>> {
+    /// `counted` is false for re-reads that are not new lookups (a lock waiter's polls); they
+    /// leave the hit and miss counters alone.
+    async fn probe_shared(&self, keys: &[&str], counted: bool) -> Vec<Option<Arc<V>>> {
         let inner = &*self.inner;
         let Some(store) = &inner.store else {
             return vec![None; keys.len()];
@@ -689,11 +761,13 @@ where
         for (key, found) in keys.iter().zip(found) {
             let value = match found {
                 Some(found) => {
-                    self.accept(store.as_ref(), key, found, now_us, clear_us)
+                    self.accept(store.as_ref(), key, found, now_us, clear_us, counted)
                         .await
                 }
                 None => {
-                    inner.tally.tiers[1..].iter().for_each(|t| t.misses.add(1));
+                    if counted {
+                        inner.tally.tiers[1..].iter().for_each(|t| t.misses.add(1));
+                    }
                     None
                 }
             };
@@ -710,9 +784,13 @@ where
         found: Found,
         now_us: u64,
         clear_us: u64,
+        counted: bool,
     ) -> Option<Arc<V>> {
         let inner = &*self.inner;
         let count_misses_through = |last: usize| {
+            if !counted {
+                return;
+            }
             for tier in 0..=last.min(inner.config.tiers.len() - 1) {
                 inner.tally.shared(tier).misses.add(1);
             }
@@ -748,7 +826,9 @@ where
         if found.tier > 0 {
             count_misses_through(found.tier - 1);
         }
-        inner.tally.shared(found.tier).hits.add(1);
+        if counted {
+            inner.tally.shared(found.tier).hits.add(1);
+        }
         if found.promoted {
             inner.tally.shared(0).promotions.add(1);
         }
