@@ -345,6 +345,37 @@ fn stampede_1000(c: &mut Criterion) {
     );
 }
 
+/// A `get_or_load` miss (fresh key, instant loader) with the load lock against without it.
+fn miss_lock(c: &mut Criterion) {
+    let rt = Runtime::new().unwrap();
+    let cache: Tiered<Message> = Tiered::builder(config(true))
+        .redis(connection(&rt))
+        .build()
+        .unwrap();
+    let round = Arc::new(AtomicUsize::new(0));
+    let mut group = c.benchmark_group("miss_lock");
+    for (name, options) in [
+        ("plain_miss", EntryOptions::new().without_lock()),
+        ("pupkit", EntryOptions::new()),
+    ] {
+        group.bench_function(name, |b| {
+            b.to_async(&rt).iter(|| {
+                let key = format!("miss:{}", round.fetch_add(1, Ordering::Relaxed));
+                let (cache, options) = (cache.clone(), options.clone());
+                async move {
+                    cache
+                        .get_or_load(&key, &options, || async {
+                            Ok::<_, std::io::Error>(message(1))
+                        })
+                        .await
+                        .unwrap()
+                }
+            })
+        });
+    }
+    group.finish();
+}
+
 /// Payload formats on the benchmark's value: what the default format was chosen on.
 fn formats(c: &mut Criterion) {
     let value = message(1);
@@ -499,6 +530,12 @@ fn print_ratios(started: Instant) {
             "1,000 callers of a cold key vs one 5 ms load + one GET",
             "<= 1.5x",
         ),
+        (
+            "miss_lock",
+            "plain_miss",
+            "get_or_load miss with the load lock vs without (overhead, no target)",
+            "report",
+        ),
     ];
     for (group, baseline, label, target) in rows {
         match (
@@ -526,7 +563,7 @@ criterion_group! {
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3))
         .sample_size(30);
-    targets = l0_hit, redis_hit, get_many_100, concurrent_64, stampede_1000, formats
+    targets = l0_hit, redis_hit, get_many_100, concurrent_64, stampede_1000, miss_lock, formats
 }
 
 fn main() {
