@@ -94,6 +94,7 @@ fn envelope_key(key: &str) -> String {
 
 fn l0_hit(c: &mut Criterion) {
     let rt = Runtime::new().unwrap();
+    let _runtime = rt.enter();
     let raw: moka::future::Cache<String, Arc<Message>> =
         moka::future::Cache::builder().max_capacity(10_000).build();
     let cache: Tiered<Message> = Tiered::builder(config(true)).build().unwrap();
@@ -126,6 +127,7 @@ fn embedding(id: u64) -> Vec<f32> {
 /// A runtime and a cache with L0 off, over Redis: every read is a Redis-tier read.
 fn redis_cache<V: Serialize + DeserializeOwned + Send + Sync + 'static>() -> (Runtime, Tiered<V>) {
     let rt = Runtime::new().unwrap();
+    let _runtime = rt.enter();
     let cache = Tiered::builder(config(false))
         .redis(connection(&rt))
         .build()
@@ -286,6 +288,7 @@ where
 fn stampede_1000(c: &mut Criterion) {
     const CALLERS: usize = 1000;
     let rt = Runtime::new().unwrap();
+    let _runtime = rt.enter();
     let cache: Tiered<Message> = Tiered::builder(config(true))
         .redis(connection(&rt))
         .build()
@@ -348,6 +351,7 @@ fn stampede_1000(c: &mut Criterion) {
 /// A `get_or_load` miss (fresh key, instant loader) with the load lock against without it.
 fn miss_lock(c: &mut Criterion) {
     let rt = Runtime::new().unwrap();
+    let _runtime = rt.enter();
     let cache: Tiered<Message> = Tiered::builder(config(true))
         .redis(connection(&rt))
         .build()
@@ -412,6 +416,7 @@ fn formats(c: &mut Criterion) {
 
 /// Redis memory for one ~1 KiB JSON entry, compressed and not (MEMORY USAGE of the key).
 fn redis_memory(rt: &Runtime) {
+    let _runtime = rt.enter();
     let connection = connection(rt);
     let mut raw = raw_connection(rt);
     // A JSON document of exactly 1 KiB, cached as a string.
@@ -455,6 +460,53 @@ fn redis_memory(rt: &Runtime) {
             hot.bytes_stored
         );
     }
+}
+
+/// Backplane lag on loopback: from the start of A's `set` (whose write script publishes) to B
+/// reading the new value, i.e. B's L0 copy dropped. Printed as p50/p99 over 300 writes.
+fn backplane_lag(rt: &Runtime) {
+    let _runtime = rt.enter();
+    let connection = connection(rt);
+    let mut config = config(true);
+    config.name = "lag".to_owned();
+    let a: Tiered<Message> = Tiered::builder(config.clone())
+        .redis(connection.clone())
+        .build()
+        .unwrap();
+    let b: Tiered<Message> = Tiered::builder(config).redis(connection).build().unwrap();
+    let lags = rt.block_on(async {
+        // Let B's subscription come up.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut lags = Vec::with_capacity(300);
+        for i in 0..300u64 {
+            a.set("k", message(i), &EntryOptions::new()).await.unwrap();
+            while b.get("k").await.unwrap().map(|m| m.id) != Some(i) {}
+            // B now holds version i in L0; the next write must drop it.
+            let started = Instant::now();
+            a.set("k", message(i + 1_000_000), &EntryOptions::new())
+                .await
+                .unwrap();
+            let deadline = started + Duration::from_secs(5);
+            while b.get("k").await.unwrap().map(|m| m.id) != Some(i + 1_000_000) {
+                if Instant::now() > deadline {
+                    break;
+                }
+                tokio::task::yield_now().await;
+            }
+            lags.push(started.elapsed());
+        }
+        lags
+    });
+    let mut lags = lags;
+    lags.sort();
+    let at = |q: f64| lags[((lags.len() - 1) as f64 * q) as usize];
+    println!(
+        "backplane lag, A's set to B's L0 dropped (loopback, {} writes): p50 {:?}, p99 {:?}, max {:?}",
+        lags.len(),
+        at(0.5),
+        at(0.99),
+        lags[lags.len() - 1]
+    );
 }
 
 fn cleanup(rt: &Runtime) {
@@ -571,6 +623,7 @@ fn main() {
     let rt = Runtime::new().unwrap();
     benches();
     redis_memory(&rt);
+    backplane_lag(&rt);
     cleanup(&rt);
     Criterion::default().configure_from_args().final_summary();
     print_ratios(started);

@@ -103,6 +103,7 @@ pub(crate) fn redact_url(url: &str) -> String {
 #[derive(Clone)]
 pub struct RedisConnection {
     manager: ConnectionManager,
+    client: ::redis::Client,
     op_timeout: Duration,
     url: Arc<str>,
     breaker: Arc<CircuitBreaker>,
@@ -137,16 +138,15 @@ impl RedisConnection {
             .set_number_of_retries(1)
             .set_min_delay(Duration::from_millis(10))
             .set_max_delay(Duration::from_millis(200));
-        let manager =
-            ConnectionManager::new_lazy_with_config(client, manager_config).map_err(|e| {
-                Error::Backend {
-                    backend: "redis",
-                    operation: "connect",
-                    source: Box::new(e),
-                }
+        let manager = ConnectionManager::new_lazy_with_config(client.clone(), manager_config)
+            .map_err(|e| Error::Backend {
+                backend: "redis",
+                operation: "connect",
+                source: Box::new(e),
             })?;
         Ok(RedisConnection {
             manager,
+            client,
             op_timeout: config.op_timeout,
             url: redacted.into(),
             breaker: Arc::new(CircuitBreaker::new("redis", config.breaker.clone())),
@@ -163,6 +163,14 @@ impl RedisConnection {
     /// The deadline of each operation.
     pub fn op_timeout(&self) -> Duration {
         self.op_timeout
+    }
+
+    /// A new dedicated pub/sub connection (never the shared multiplexed one), within the
+    /// deadline.
+    pub(crate) async fn pubsub(&self) -> Result<::redis::aio::PubSub> {
+        let client = self.client.clone();
+        self.deadline("subscribe", async move { client.get_async_pubsub().await })
+            .await
     }
 
     /// The circuit breaker's state and counters.

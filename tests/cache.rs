@@ -801,6 +801,125 @@ mod redis {
         delete_prefix(&prefix).await;
     }
 
+    /// Waits until someone listens on `prefix`'s backplane channel for `cache`.
+    async fn subscribed(prefix: &str, cache: &str, listeners: i64) {
+        let mut raw = raw().await;
+        let channel = format!("{prefix}:{cache}:backplane:v1");
+        for _ in 0..2000 {
+            let counts: Vec<(String, i64)> = ::redis::cmd("PUBSUB")
+                .arg("NUMSUB")
+                .arg(&channel)
+                .query_async(&mut raw)
+                .await
+                .unwrap();
+            if counts.first().is_some_and(|(_, n)| *n >= listeners) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        panic!("nobody subscribed to {channel} within 10 s");
+    }
+
+    /// Reads `key` on `node` until it answers `expected` (bounded).
+    async fn reads_eventually(node: &Tiered<Message>, key: &str, expected: Option<Message>) {
+        for _ in 0..2000 {
+            if node.get(key).await.unwrap().as_deref() == expected.as_ref() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        panic!("{key} never read {expected:?}");
+    }
+
+    #[tokio::test]
+    async fn the_backplane_drops_what_other_instances_change_from_l0() {
+        let Some(redis) = connect().await else { return };
+        let prefix = unique_prefix("backplane");
+        let a = cache(&redis, config(&prefix, "msgs", true)).await;
+        let b = cache(&redis, config(&prefix, "msgs", true)).await;
+        let other = cache(&redis, config(&prefix, "other", true)).await;
+        subscribed(&prefix, "msgs", 2).await;
+        subscribed(&prefix, "other", 1).await;
+
+        a.set("k", message(1), &EntryOptions::new()).await.unwrap();
+        other
+            .set("k", message(7), &EntryOptions::new())
+            .await
+            .unwrap();
+        assert_eq!(b.get("k").await.unwrap().as_deref(), Some(&message(1)));
+        assert_eq!(b.get("k").await.unwrap().as_deref(), Some(&message(1)));
+        assert_eq!(b.stats().tier("l0").unwrap().hits, 1, "B holds k in L0");
+
+        // A writes: B's next reads return the new value once the notice arrives.
+        a.set("k", message(2), &EntryOptions::new()).await.unwrap();
+        reads_eventually(&b, "k", Some(message(2))).await;
+        assert!(b.stats().backplane_received >= 1);
+        assert_eq!(
+            a.stats().backplane_received,
+            0,
+            "A ignores its own messages"
+        );
+        // The other named cache has its own channel: its L0 copy was not touched.
+        let before = other.stats().tier("l0").unwrap().hits;
+        assert_eq!(other.get("k").await.unwrap().as_deref(), Some(&message(7)));
+        assert_eq!(other.stats().tier("l0").unwrap().hits, before + 1);
+        assert_eq!(other.stats().backplane_received, 0);
+
+        // The same for tags and for invalidate.
+        a.set("t", message(3), &EntryOptions::new().tags(["conv:1"]))
+            .await
+            .unwrap();
+        assert!(b.get("t").await.unwrap().is_some());
+        a.invalidate_tags(&["conv:1"]).await.unwrap();
+        reads_eventually(&b, "t", None).await;
+        a.invalidate("k").await.unwrap();
+        reads_eventually(&b, "k", None).await;
+        delete_prefix(&prefix).await;
+    }
+
+    #[tokio::test]
+    async fn l0_is_flushed_when_the_backplane_resubscribes() {
+        let Some(mut server) = PrivateRedis::start() else {
+            return;
+        };
+        let mut redis_config = RedisConfig::new(server.url());
+        redis_config.breaker.cool_down = Duration::from_millis(100);
+        let connection = RedisConnection::lazy(&redis_config).unwrap();
+        let node = cache(&connection, config("pkt-resub", "msgs", true)).await;
+        node.set("k", message(1), &EntryOptions::new())
+            .await
+            .unwrap();
+        // Subscribed once the server lists a listener.
+        let mut listeners = 0;
+        let mut raw = ::redis::Client::open(server.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        for _ in 0..2000 {
+            let counts: Vec<(String, i64)> = ::redis::cmd("PUBSUB")
+                .arg("NUMSUB")
+                .arg("pkt-resub:msgs:backplane:v1")
+                .query_async(&mut raw)
+                .await
+                .unwrap();
+            listeners = counts.first().map_or(0, |(_, n)| *n);
+            if listeners > 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(listeners, 1);
+        assert!(node.get("k").await.unwrap().is_some(), "in L0");
+        server.restart();
+        eventually("the backplane resubscribed", || {
+            node.stats().backplane_resubscribed >= 1
+        })
+        .await;
+        // L0 was flushed; the restarted Redis is empty.
+        assert_eq!(node.get("k").await.unwrap(), None);
+    }
+
     #[tokio::test]
     async fn promotion_and_demotion_across_redis_tiers() {
         let Some(redis) = connect().await else { return };

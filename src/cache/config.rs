@@ -30,6 +30,10 @@ pub struct TieredConfig {
     pub promotion: PromotionConfig,
     /// The cross-instance load lock of `get_or_load`.
     pub lock: LockConfig,
+    /// Whether instances tell each other, over a Redis pub/sub channel of this cache's own,
+    /// which keys and tags they changed, so that other instances drop them from L0. Default
+    /// true.
+    pub backplane: bool,
     /// How long an instance trusts the tag and clear timestamps it has fetched from the shared
     /// tiers before fetching them again (its own invalidations it knows at once). Another
     /// instance's `invalidate_tags` or `clear` may go unseen on this instance's shared-tier
@@ -70,6 +74,7 @@ impl Default for TieredConfig {
             default_tier: "warm".to_owned(),
             promotion: PromotionConfig::default(),
             lock: LockConfig::default(),
+            backplane: true,
             stamp_ttl: Duration::from_secs(1),
             max_ttl: Duration::from_secs(7 * 24 * 60 * 60),
             max_key_bytes: 512,

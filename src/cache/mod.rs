@@ -21,6 +21,8 @@
 //! # }
 //! ```
 
+#[cfg(feature = "redis")]
+mod backplane;
 mod config;
 mod flight;
 mod keys;
@@ -38,5 +40,5 @@ pub use memory::MemoryTiers;
 #[cfg(feature = "redis")]
 pub use redis::RedisTiers;
 pub use stats::{CacheStats, TierStats};
-pub use store::{Found, Probe, TierStore, Write};
+pub use store::{Found, Notice, NoticeHandler, Probe, TierStore, Write};
 pub use tiered::{BoxFuture, Loader, ManyLoader, Tiered, TieredBuilder, TieredCache};

@@ -7,13 +7,16 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, RwLock};
 use std::time::Duration;
 
+use tokio::sync::watch;
+
 use ::redis::{Script, Value};
 use async_trait::async_trait;
 
+use super::backplane;
 use super::config::TieredConfig;
 use super::keys::KeyLayout;
 use super::memory::wall_us;
-use super::store::{Found, Probe, TierStore, Write};
+use super::store::{Found, Notice, NoticeHandler, Probe, TierStore, Write};
 use crate::codec;
 use crate::error::{Error, Result};
 use crate::redis::{RedisConnection, script};
@@ -174,12 +177,14 @@ return count_read(KEYS[1], KEYS[1] .. ':' .. ARGV[1], KEYS[1] .. ':' .. ARGV[2],
 );
 
 /// Writes each entry to its home tier with created-at and expiry stamped from Redis's clock,
-/// and deletes its other tiers' copies and its read counter. ARGV: tier count, tier names,
-/// then (home tier 0-based, ttl ms, envelope) per key. Returns Redis's clock.
+/// deletes its other tiers' copies and its read counter, and publishes the backplane message.
+/// ARGV: tier count, tier names, channel ('' for none), message, then (home tier 0-based,
+/// ttl ms, envelope) per key. Returns Redis's clock.
 const WRITE_LUA: &str = concat!(
     now_lua!(),
     r#"
 local ntiers = tonumber(ARGV[1])
+local channel, message = ARGV[ntiers + 2], ARGV[ntiers + 3]
 local function be64(x)
   local b = {}
   for i = 8, 1, -1 do
@@ -188,7 +193,7 @@ local function be64(x)
   end
   return string.char(unpack(b))
 end
-local a = ntiers + 2
+local a = ntiers + 4
 for i = 1, #KEYS do
   local home, ttl, v = tonumber(ARGV[a]) + 1, tonumber(ARGV[a + 1]), ARGV[a + 2]
   a = a + 3
@@ -203,6 +208,7 @@ for i = 1, #KEYS do
   end
   redis.call('DEL', KEYS[i] .. ':#')
 end
+if channel ~= '' then redis.call('PUBLISH', channel, message) end
 return now
 "#
 );
@@ -223,13 +229,15 @@ end
 return 0
 "#;
 
-/// Sets each key to Redis's clock for ARGV[1] ms. Returns the clock.
+/// Sets each key to Redis's clock for ARGV[1] ms and publishes ARGV[3] on channel ARGV[2]
+/// (unless empty). Returns the clock.
 const STAMP_LUA: &str = concat!(
     now_lua!(),
     r#"
 for i = 1, #KEYS do
   redis.call('SET', KEYS[i], string.format('%.0f', now), 'PX', ARGV[1])
 end
+if ARGV[2] ~= '' then redis.call('PUBLISH', ARGV[2], ARGV[3]) end
 return now
 "#
 );
@@ -326,6 +334,14 @@ impl RecentStamps {
             .and_then(|(stamp, learnt)| self.fresh(learnt).then_some(stamp))
     }
 
+    /// Forgets everything learnt: notices may have been missed.
+    fn forget(&self) {
+        self.clear_learnt_us.store(0, Ordering::Release);
+        for shard in self.tags.shards.iter() {
+            shard.write().unwrap_or_else(|e| e.into_inner()).clear();
+        }
+    }
+
     fn put_tag(&self, tag: &str, stamp: u64) {
         if self.ttl_us > 0 {
             let now = wall_us();
@@ -360,9 +376,16 @@ pub struct RedisTiers {
     /// How long tag and clear stamps are kept: the longest TTL an entry can have.
     stamp_retention_ms: u64,
     seen: Sharded<Seen>,
-    recent: RecentStamps,
+    recent: Arc<RecentStamps>,
     /// Redis's clock minus this process's, in µs, from the last script reply.
-    clock_offset_us: AtomicI64,
+    clock_offset_us: Arc<AtomicI64>,
+    /// The backplane channel ("" when the backplane is off).
+    channel: String,
+    /// This instance's id on the backplane.
+    source: u64,
+    /// Dropped with the store, which stops the backplane subscriber.
+    _stop: watch::Sender<()>,
+    stop: watch::Receiver<()>,
 }
 
 impl std::fmt::Debug for RedisTiers {
@@ -380,6 +403,7 @@ impl RedisTiers {
     /// [`Tiered`](super::Tiered) builder does it).
     pub fn new(connection: RedisConnection, config: &TieredConfig) -> Self {
         let layout = KeyLayout::new(&config.key_prefix, &config.name);
+        let (stop_sender, stop) = watch::channel(());
         RedisTiers {
             connection,
             tag_prefix: layout.tag_prefix(),
@@ -391,8 +415,25 @@ impl RedisTiers {
             hot_ttl_ms: config.tiers[0].ttl.as_millis() as u64,
             stamp_retention_ms: config.max_ttl.as_millis() as u64,
             seen: Sharded::new(SEEN_CAPACITY),
-            recent: RecentStamps::new(config.stamp_ttl),
-            clock_offset_us: AtomicI64::new(0),
+            recent: Arc::new(RecentStamps::new(config.stamp_ttl)),
+            clock_offset_us: Arc::new(AtomicI64::new(0)),
+            channel: if config.backplane {
+                backplane::channel(&config.key_prefix, &config.name)
+            } else {
+                String::new()
+            },
+            source: lock_free_random(),
+            _stop: stop_sender,
+            stop,
+        }
+    }
+
+    /// The backplane message for `notice`, or nothing when the backplane is off.
+    fn announce(&self, notice: &Notice) -> Vec<u8> {
+        if self.channel.is_empty() {
+            Vec::new()
+        } else {
+            backplane::encode(self.source, notice)
         }
     }
 
@@ -404,7 +445,7 @@ impl RedisTiers {
 
     /// Redis's clock, estimated from the last script reply.
     fn redis_now_us(&self) -> u64 {
-        wall_us().saturating_add_signed(self.clock_offset_us.load(Ordering::Relaxed))
+        redis_now_us(&self.clock_offset_us)
     }
 
     /// Remembers where `key` was found and with which tags; a promoted entry is next read
@@ -606,6 +647,17 @@ impl RedisTiers {
     }
 }
 
+/// Redis's clock, estimated from this process's and the offset last seen.
+fn redis_now_us(offset: &AtomicI64) -> u64 {
+    wall_us().saturating_add_signed(offset.load(Ordering::Relaxed))
+}
+
+/// A random id (not a secret).
+fn lock_free_random() -> u64 {
+    use std::hash::{BuildHasher, RandomState};
+    RandomState::new().hash_one((std::process::id(), std::time::SystemTime::now()))
+}
+
 /// The `{promoted, demoted}` reply of the count script.
 fn count_flags(reply: Value) -> (bool, bool) {
     match reply {
@@ -705,6 +757,31 @@ impl TierStore for RedisTiers {
         Some(self.connection.breaker())
     }
 
+    fn watch(&self, handler: NoticeHandler) {
+        if self.channel.is_empty() {
+            return;
+        }
+        // What the notices say about stamps is learnt here first, so reads trust it at once.
+        let (recent, offset) = (self.recent.clone(), self.clock_offset_us.clone());
+        let learn: NoticeHandler = Arc::new(move |notice| {
+            let now = redis_now_us(&offset);
+            match &notice {
+                Notice::TagsInvalidated(tags) => tags.iter().for_each(|t| recent.put_tag(t, now)),
+                Notice::Cleared => recent.put_clear(now),
+                Notice::Resubscribed => recent.forget(),
+                _ => {}
+            }
+            handler(notice)
+        });
+        backplane::spawn_subscriber(
+            self.connection.clone(),
+            self.channel.clone(),
+            self.source,
+            learn,
+            self.stop.clone(),
+        );
+    }
+
     async fn probe(&self, keys: &[&str]) -> Result<Probe> {
         let mut probe = Probe {
             found: Vec::with_capacity(keys.len()),
@@ -726,6 +803,10 @@ impl TierStore for RedisTiers {
         for name in &self.tier_names {
             invocation.arg(name);
         }
+        let keys = writes.iter().map(|w| w.key.to_owned()).collect();
+        invocation
+            .arg(&self.channel)
+            .arg(self.announce(&Notice::Written(keys)));
         for write in &writes {
             if let Ok(header) = codec::header(&write.envelope) {
                 let seen = Seen {
@@ -757,6 +838,14 @@ impl TierStore for RedisTiers {
             names.push(KeyLayout::tier_key(&entry, "#"));
             pipeline.del(names).ignore();
         }
+        if !self.channel.is_empty() {
+            let keys = keys.iter().map(|k| (*k).to_owned()).collect();
+            pipeline
+                .cmd("PUBLISH")
+                .arg(&self.channel)
+                .arg(self.announce(&Notice::Removed(keys)))
+                .ignore();
+        }
         self.connection.pipeline("remove", &pipeline).await
     }
 
@@ -780,7 +869,11 @@ impl TierStore for RedisTiers {
         for tag in tags {
             invocation.key(format!("{}{tag}", self.tag_prefix));
         }
-        invocation.arg(self.stamp_retention_ms);
+        let tag_list = tags.iter().map(|t| (*t).to_owned()).collect();
+        invocation
+            .arg(self.stamp_retention_ms)
+            .arg(&self.channel)
+            .arg(self.announce(&Notice::TagsInvalidated(tag_list)));
         let now = self
             .connection
             .run_script("invalidate tags", &invocation)
@@ -827,7 +920,11 @@ impl TierStore for RedisTiers {
 
     async fn clear(&self) -> Result<u64> {
         let mut invocation = STAMP.prepare_invoke();
-        invocation.key(&self.clear_key).arg(self.stamp_retention_ms);
+        invocation
+            .key(&self.clear_key)
+            .arg(self.stamp_retention_ms)
+            .arg(&self.channel)
+            .arg(self.announce(&Notice::Cleared));
         let now = self.connection.run_script("clear", &invocation).await?;
         self.sync_clock(now);
         self.recent.put_clear(now);

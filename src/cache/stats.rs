@@ -84,6 +84,8 @@ pub(crate) struct CacheTally {
     pub(crate) coalesced_loads: Tally,
     pub(crate) lock_waits: Tally,
     pub(crate) lock_timeouts: Tally,
+    pub(crate) backplane_received: Tally,
+    pub(crate) backplane_resubscribed: Tally,
     pub(crate) backend_errors: Tally,
     pub(crate) corrupt_entries: Tally,
     pub(crate) stale_by_tag: Tally,
@@ -115,6 +117,11 @@ impl CacheTally {
             coalesced_loads: Tally::new("pupkit_cache_coalesced_loads_total", labels()),
             lock_waits: Tally::new("pupkit_cache_lock_waits_total", labels()),
             lock_timeouts: Tally::new("pupkit_cache_lock_timeouts_total", labels()),
+            backplane_received: Tally::new("pupkit_cache_backplane_received_total", labels()),
+            backplane_resubscribed: Tally::new(
+                "pupkit_cache_backplane_resubscribed_total",
+                labels(),
+            ),
             backend_errors: errors("backend"),
             corrupt_entries: errors("corrupt"),
             stale_by_tag: Tally::new("pupkit_cache_stale_by_tag_total", labels()),
@@ -173,6 +180,8 @@ impl CacheTally {
             coalesced_loads: self.coalesced_loads.get(),
             lock_waits: self.lock_waits.get(),
             lock_timeouts: self.lock_timeouts.get(),
+            backplane_received: self.backplane_received.get(),
+            backplane_resubscribed: self.backplane_resubscribed.get(),
             backend_errors: self.backend_errors.get(),
             corrupt_entries: self.corrupt_entries.get(),
             stale_by_tag: self.stale_by_tag.get(),
@@ -250,6 +259,10 @@ pub struct CacheStats {
     pub lock_waits: u64,
     /// Lock waits that ran out, after which this instance loaded anyway.
     pub lock_timeouts: u64,
+    /// Other instances' backplane notices applied to L0.
+    pub backplane_received: u64,
+    /// Times the backplane subscription was re-established (each flushes L0).
+    pub backplane_resubscribed: u64,
     /// Shared-tier calls that failed or timed out.
     pub backend_errors: u64,
     /// Stored entries that did not decode and were deleted.

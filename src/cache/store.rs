@@ -50,6 +50,26 @@ pub struct Probe {
     pub found: Vec<Option<Found>>,
 }
 
+/// What another instance did to this cache, as its backplane reports it. Never a value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Notice {
+    /// These keys were written.
+    Written(Vec<String>),
+    /// These keys were removed.
+    Removed(Vec<String>),
+    /// These tags were invalidated.
+    TagsInvalidated(Vec<String>),
+    /// The whole cache was cleared.
+    Cleared,
+    /// The subscription was re-established: notices may have been missed meanwhile.
+    Resubscribed,
+}
+
+/// Receives the notices of a store's backplane.
+pub type NoticeHandler =
+    std::sync::Arc<dyn Fn(Notice) -> super::BoxFuture<'static, ()> + Send + Sync>;
+
 /// One entry to write.
 #[derive(Debug)]
 pub struct Write<'a> {
@@ -106,6 +126,12 @@ pub trait TierStore: Send + Sync + fmt::Debug + 'static {
 
     /// Releases the lock if `token` still holds it (compare and delete).
     async fn unlock(&self, key: &str, token: u128) -> Result<()>;
+
+    /// Starts delivering other instances' notices to `handler`, if the store has a backplane.
+    /// This instance's own writes are not delivered back.
+    fn watch(&self, handler: NoticeHandler) {
+        let _ = handler;
+    }
 
     /// The state of the circuit breaker in front of the store, if it has one.
     fn breaker(&self) -> Option<crate::resilience::BreakerStats> {

@@ -19,7 +19,7 @@ use super::l0::{L0, LocalStamps};
 use super::lock::{Backoff, HeldLock};
 use super::memory::{MemoryTiers, wall_us};
 use super::stats::{CacheStats, CacheTally, error_chain};
-use super::store::{Found, Probe, TierStore, Write};
+use super::store::{Found, Notice, Probe, TierStore, Write};
 use crate::codec::{self, EncodeOptions};
 use crate::error::{BoxError, Error, Result, excerpt};
 
@@ -168,7 +168,8 @@ where
     }
 
     /// Validates the configuration and builds the cache. Does no I/O: a Redis that is down now
-    /// is used once it answers.
+    /// is used once it answers. Call it within a Tokio runtime: the backplane subscriber is
+    /// spawned there (outside one, the cache works without a backplane and logs a warning).
     pub fn build(self) -> Result<Tiered<V>> {
         let config = self.config;
         config.validate()?;
@@ -195,7 +196,7 @@ where
             .l0
             .enabled
             .then(|| L0::new(config.l0.max_bytes, config.l0.ttl, tally.clone()));
-        Ok(Tiered {
+        let cache = Tiered {
             inner: Arc::new(Inner {
                 encode: config.encode_options(),
                 default_tier: config.tier_index(&config.default_tier)?,
@@ -207,7 +208,21 @@ where
                 tally,
                 clock_offset_us: AtomicI64::new(0),
             }),
-        })
+        };
+        if let Some(store) = &cache.inner.store {
+            // Weak: the store's subscriber must not keep the cache alive. Without L0 the
+            // notices still keep the store's remembered stamps fresh.
+            let weak = Arc::downgrade(&cache.inner);
+            store.watch(Arc::new(move |notice| {
+                let weak = weak.clone();
+                Box::pin(async move {
+                    if let Some(inner) = weak.upgrade() {
+                        Tiered { inner }.apply_notice(notice).await;
+                    }
+                })
+            }));
+        }
+        Ok(cache)
     }
 }
 
@@ -596,6 +611,37 @@ where
             l0.invalidate_all();
         }
         result
+    }
+
+    /// Applies another instance's notice to L0: the entries it names are dropped and re-read
+    /// on their next access.
+    async fn apply_notice(&self, notice: Notice) {
+        let inner = &*self.inner;
+        let Some(l0) = &inner.l0 else {
+            return;
+        };
+        inner.tally.backplane_received.add(1);
+        match notice {
+            Notice::Written(keys) | Notice::Removed(keys) => {
+                for key in keys {
+                    l0.invalidate(&key).await;
+                }
+            }
+            Notice::TagsInvalidated(tags) => {
+                let tags: Vec<&str> = tags.iter().map(String::as_str).collect();
+                if inner.stamps.record_tags(&tags, self.store_clock_estimate()) {
+                    l0.invalidate_all();
+                }
+            }
+            Notice::Cleared => {
+                inner.stamps.record_clear(self.store_clock_estimate());
+                l0.invalidate_all();
+            }
+            Notice::Resubscribed => {
+                inner.tally.backplane_resubscribed.add(1);
+                l0.invalidate_all();
+            }
+        }
     }
 
     /// A snapshot of the counters.
