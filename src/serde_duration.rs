@@ -50,6 +50,31 @@ impl Visitor<'_> for DurationVisitor {
     }
 }
 
+/// The same for `Option<Duration>` fields: absent or `null` is `None`.
+pub(crate) mod option {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Option<Duration>, D::Error> {
+        #[derive(Deserialize)]
+        struct Wrapped(#[serde(with = "super")] Duration);
+        Ok(Option::<Wrapped>::deserialize(deserializer)?.map(|Wrapped(d)| d))
+    }
+
+    pub(crate) fn serialize<S: Serializer>(
+        value: &Option<Duration>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        match value {
+            Some(d) => super::serialize(d, serializer),
+            None => serializer.serialize_none(),
+        }
+    }
+}
+
 /// Parses `"250ms"`, `"30s"`, `"5m"`, `"1h"`, `"7d"` (one unit, a whole number).
 pub(crate) fn parse(text: &str) -> Option<Duration> {
     let text = text.trim();

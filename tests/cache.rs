@@ -253,6 +253,151 @@ async fn a_loader_error_reaches_every_waiter_and_a_panic_frees_the_key() {
     assert_eq!(*value, message(3));
 }
 
+fn fail_safe_cache(name: &str, configure: impl FnOnce(&mut TieredConfig)) -> Tiered<Message> {
+    let mut config = TieredConfig::named(name);
+    config.fail_safe.grace = Duration::from_secs(60);
+    configure(&mut config);
+    Tiered::builder(config)
+        .memory_tiers(16 << 20)
+        .build()
+        .unwrap()
+}
+
+async fn failing() -> Result<Message, std::io::Error> {
+    Err(std::io::Error::other("upstream down"))
+}
+
+#[tokio::test]
+async fn fail_safe_serves_the_stale_value_when_the_loader_fails_then_throttles() {
+    let cache = fail_safe_cache("failsafe", |_| {});
+    let short = EntryOptions::new().ttl(Duration::from_millis(100));
+    cache.set("k", message(1), &short).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        cache.get("k").await.unwrap().is_none(),
+        "a plain get never returns a stale value"
+    );
+
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted_failure = |calls: &Arc<AtomicUsize>| {
+        let calls = calls.clone();
+        move || {
+            calls.fetch_add(1, Ordering::SeqCst);
+            failing()
+        }
+    };
+    let entry = cache
+        .get_or_load_entry("k", &short, counted_failure(&calls))
+        .await
+        .unwrap();
+    assert_eq!((&*entry.value, entry.stale), (&message(1), true));
+    let stats = cache.stats();
+    assert_eq!((stats.fail_safe_activations, stats.stale_served), (1, 1));
+    // For retry_after (30 s) the stale value counts as fresh: the loader is not called again.
+    let again = cache
+        .get_or_load_entry("k", &short, counted_failure(&calls))
+        .await
+        .unwrap();
+    assert_eq!(*again.value, message(1));
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+
+    // Without a stale value, a failing loader is an error as ever.
+    let err = cache
+        .get_or_load("none", &short, failing)
+        .await
+        .unwrap_err();
+    assert!(err.is_loader(), "{err}");
+}
+
+#[tokio::test]
+async fn fail_safe_retries_the_loader_once_retry_after_has_passed() {
+    let cache = fail_safe_cache("retry", |c| {
+        c.fail_safe.retry_after = Duration::from_millis(100)
+    });
+    let short = EntryOptions::new().ttl(Duration::from_millis(100));
+    cache.set("k", message(1), &short).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let entry = cache.get_or_load_entry("k", &short, failing).await.unwrap();
+    assert!(entry.stale);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let value = cache
+        .get_or_load("k", &short, || async {
+            Ok::<_, std::io::Error>(message(2))
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        *value,
+        message(2),
+        "the loader ran again and its value replaced the stale one"
+    );
+}
+
+#[tokio::test]
+async fn a_hard_timeout_gives_up_on_a_slow_loader() {
+    let cache = fail_safe_cache("hard", |c| {
+        c.fail_safe.hard_timeout = Some(Duration::from_millis(100))
+    });
+    let short = EntryOptions::new().ttl(Duration::from_millis(100));
+    let slow = || async {
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        Ok::<_, std::io::Error>(message(9))
+    };
+    cache.set("k", message(1), &short).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = std::time::Instant::now();
+    let entry = cache.get_or_load_entry("k", &short, slow).await.unwrap();
+    assert_eq!((&*entry.value, entry.stale), (&message(1), true));
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    let err = cache
+        .get_or_load("nothing-stale", &short, slow)
+        .await
+        .unwrap_err();
+    assert!(
+        std::error::Error::source(&err)
+            .unwrap()
+            .to_string()
+            .contains("hard timeout"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn a_soft_timeout_serves_stale_and_lets_the_load_finish() {
+    let cache = fail_safe_cache("soft", |c| {
+        c.fail_safe.soft_timeout = Some(Duration::from_millis(50))
+    });
+    let short = EntryOptions::new().ttl(Duration::from_millis(100));
+    cache.set("k", message(1), &short).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let released = gate.clone();
+    let entry = cache
+        .get_or_load_entry("k", &EntryOptions::new(), move || async move {
+            released.notified().await;
+            Ok::<_, std::io::Error>(message(2))
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        (&*entry.value, entry.stale),
+        (&message(1), true),
+        "served before the load finished"
+    );
+    gate.notify_waiters();
+    for _ in 0..2000 {
+        if cache.get("k").await.unwrap().as_deref() == Some(&message(2)) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("the background load never cached its value");
+}
+
 #[tokio::test]
 async fn an_l0_miss_is_one_probe_of_the_shared_tiers_even_for_many_keys() {
     let config = TieredConfig::named("probes");
@@ -918,6 +1063,34 @@ mod redis {
         .await;
         // L0 was flushed; the restarted Redis is empty.
         assert_eq!(node.get("k").await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn redis_keeps_entries_for_their_grace_and_serves_them_stale() {
+        let Some(redis) = connect().await else { return };
+        let prefix = unique_prefix("grace");
+        let mut with_grace = config(&prefix, "msgs", false);
+        with_grace.fail_safe.grace = Duration::from_secs(60);
+        let cache = cache(&redis, with_grace).await;
+        let short = EntryOptions::new().ttl(Duration::from_millis(200));
+        cache.set("k", message(1), &short).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let mut raw = raw().await;
+        let pttl: i64 = ::redis::cmd("PTTL")
+            .arg(format!("{prefix}:msgs:{{k}}:warm"))
+            .query_async(&mut raw)
+            .await
+            .unwrap();
+        assert!(pttl > 50_000, "kept for its grace: {pttl} ms left");
+        assert!(cache.get("k").await.unwrap().is_none());
+        let entry = cache
+            .get_or_load_entry("k", &short, || async {
+                Err::<Message, _>(std::io::Error::other("down"))
+            })
+            .await
+            .unwrap();
+        assert_eq!((&*entry.value, entry.stale), (&message(1), true));
+        delete_prefix(&prefix).await;
     }
 
     #[tokio::test]

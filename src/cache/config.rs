@@ -30,6 +30,8 @@ pub struct TieredConfig {
     pub promotion: PromotionConfig,
     /// The cross-instance load lock of `get_or_load`.
     pub lock: LockConfig,
+    /// Serving a stale value when the loader fails or is slow.
+    pub fail_safe: FailSafeConfig,
     /// Whether instances tell each other, over a Redis pub/sub channel of this cache's own,
     /// which keys and tags they changed, so that other instances drop them from L0. Default
     /// true.
@@ -74,6 +76,7 @@ impl Default for TieredConfig {
             default_tier: "warm".to_owned(),
             promotion: PromotionConfig::default(),
             lock: LockConfig::default(),
+            fail_safe: FailSafeConfig::default(),
             backplane: true,
             stamp_ttl: Duration::from_secs(1),
             max_ttl: Duration::from_secs(7 * 24 * 60 * 60),
@@ -150,6 +153,12 @@ impl TieredConfig {
             return Err(Error::invalid(
                 "limits",
                 "max_key_bytes, max_value_bytes and max_ttl must be above zero",
+            ));
+        }
+        if !self.fail_safe.grace.is_zero() && self.fail_safe.retry_after.is_zero() {
+            return Err(Error::invalid(
+                "fail_safe",
+                "retry_after must be above zero when grace is",
             ));
         }
         if self.lock.enabled && (self.lock.lease.is_zero() || self.lock.poll_min.is_zero()) {
@@ -296,6 +305,41 @@ impl Default for LockConfig {
             wait: Duration::from_secs(5),
             poll_min: Duration::from_millis(5),
             poll_max: Duration::from_millis(100),
+        }
+    }
+}
+
+/// Fail-safe: an entry is kept for `grace` past its TTL (its logical expiry). When its loader
+/// then fails, times out (`hard_timeout`) or is slow (`soft_timeout`), `get_or_load` serves
+/// the stale value, flagged as such, instead of an error or a wait. Off while `grace` is zero.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default)]
+#[non_exhaustive]
+pub struct FailSafeConfig {
+    /// How long past its TTL an entry is kept as a fallback. Default zero (fail-safe off).
+    #[serde(with = "crate::serde_duration")]
+    pub grace: Duration,
+    /// After a failed load served a stale value, the value counts as fresh again for this long,
+    /// so the loader is retried then, not on every call. Default 30 s.
+    #[serde(with = "crate::serde_duration")]
+    pub retry_after: Duration,
+    /// A caller that holds a stale value waits this long for a load, then gets the stale
+    /// value while the load goes on in the background. Default none (wait for the load).
+    #[serde(default, with = "crate::serde_duration::option")]
+    pub soft_timeout: Option<Duration>,
+    /// A load that takes longer than this is abandoned: a stale value is served if there is
+    /// one, else the call fails. Default none.
+    #[serde(default, with = "crate::serde_duration::option")]
+    pub hard_timeout: Option<Duration>,
+}
+
+impl Default for FailSafeConfig {
+    fn default() -> Self {
+        FailSafeConfig {
+            grace: Duration::ZERO,
+            retry_after: Duration::from_secs(30),
+            soft_timeout: None,
+            hard_timeout: None,
         }
     }
 }

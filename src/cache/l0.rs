@@ -19,6 +19,8 @@ pub(crate) struct L0Entry<V> {
     created_us: u64,
     /// The entry's tags; `None` for untagged entries, which skip tag checks.
     tags: Option<Arc<[String]>>,
+    /// Past this the value is stale: kept only as a fail-safe fallback.
+    fresh_until: Instant,
     ttl: Duration,
     weight: u32,
 }
@@ -29,6 +31,7 @@ impl<V> Clone for L0Entry<V> {
             value: self.value.clone(),
             created_us: self.created_us,
             tags: self.tags.clone(),
+            fresh_until: self.fresh_until,
             ttl: self.ttl,
             weight: self.weight,
         }
@@ -74,18 +77,29 @@ impl<V: Send + Sync + 'static> L0<V> {
         L0 { cache, max_ttl }
     }
 
-    /// The value under `key`, unless a tag or clear recorded here has invalidated it.
+    /// The fresh value under `key`, unless a tag or clear recorded here has invalidated it.
     pub(crate) async fn get(&self, key: &str, stamps: &LocalStamps) -> Option<Arc<V>> {
+        match self.lookup(key, stamps).await? {
+            (value, true) => Some(value),
+            (_, false) => None,
+        }
+    }
+
+    /// The value under `key` and whether it is still fresh (a stale one is past its TTL but
+    /// within its grace), unless a tag or clear recorded here has invalidated it.
+    pub(crate) async fn lookup(&self, key: &str, stamps: &LocalStamps) -> Option<(Arc<V>, bool)> {
         let entry = self.cache.get(key).await?;
         if stamps.is_stale(entry.created_us, entry.tags.as_deref()) {
             self.cache.invalidate(key).await;
             return None;
         }
-        Some(entry.value)
+        let fresh = Instant::now() < entry.fresh_until;
+        Some((entry.value, fresh))
     }
 
-    /// Inserts a value that lives `remaining` more in its tier (capped by L0's own TTL).
-    /// Skipped if a local invalidation already covers it (a probe racing an invalidation).
+    /// Inserts a value that is fresh for `fresh_for` more and kept `remaining` more in its
+    /// tier (both capped by L0's own TTL). Skipped if a local invalidation already covers it
+    /// (a probe racing an invalidation).
     #[allow(clippy::too_many_arguments)]
     pub(crate) async fn insert(
         &self,
@@ -93,6 +107,7 @@ impl<V: Send + Sync + 'static> L0<V> {
         value: Arc<V>,
         created_us: u64,
         tags: &[String],
+        fresh_for: Duration,
         remaining: Duration,
         encoded_len: usize,
         stamps: &LocalStamps,
@@ -105,6 +120,7 @@ impl<V: Send + Sync + 'static> L0<V> {
             value,
             created_us,
             tags: (!tags.is_empty()).then(|| Arc::from(tags)),
+            fresh_until: Instant::now() + fresh_for.min(ttl),
             ttl,
             weight: u32::try_from(encoded_len + key.len() + 64).unwrap_or(u32::MAX),
         };

@@ -222,7 +222,7 @@ impl TierStore for MemoryTiers {
                 write.key.to_owned(),
                 Stored {
                     envelope: Arc::new(write.envelope),
-                    expires_at: Instant::now() + write.ttl,
+                    expires_at: Instant::now() + write.ttl + write.grace,
                 },
             );
         }

@@ -35,10 +35,12 @@ mod stats;
 mod store;
 mod tiered;
 
-pub use config::{EntryOptions, L0Config, LockConfig, PromotionConfig, TierConfig, TieredConfig};
+pub use config::{
+    EntryOptions, FailSafeConfig, L0Config, LockConfig, PromotionConfig, TierConfig, TieredConfig,
+};
 pub use memory::MemoryTiers;
 #[cfg(feature = "redis")]
 pub use redis::RedisTiers;
 pub use stats::{CacheStats, TierStats};
 pub use store::{Found, Notice, NoticeHandler, Probe, TierStore, Write};
-pub use tiered::{BoxFuture, Loader, ManyLoader, Tiered, TieredBuilder, TieredCache};
+pub use tiered::{BoxFuture, CacheEntry, Loader, ManyLoader, Tiered, TieredBuilder, TieredCache};

@@ -84,6 +84,8 @@ pub(crate) struct CacheTally {
     pub(crate) coalesced_loads: Tally,
     pub(crate) lock_waits: Tally,
     pub(crate) lock_timeouts: Tally,
+    pub(crate) stale_served: Tally,
+    pub(crate) fail_safe_activations: Tally,
     pub(crate) backplane_received: Tally,
     pub(crate) backplane_resubscribed: Tally,
     pub(crate) backend_errors: Tally,
@@ -117,6 +119,8 @@ impl CacheTally {
             coalesced_loads: Tally::new("pupkit_cache_coalesced_loads_total", labels()),
             lock_waits: Tally::new("pupkit_cache_lock_waits_total", labels()),
             lock_timeouts: Tally::new("pupkit_cache_lock_timeouts_total", labels()),
+            stale_served: Tally::new("pupkit_cache_stale_served_total", labels()),
+            fail_safe_activations: Tally::new("pupkit_cache_fail_safe_activations_total", labels()),
             backplane_received: Tally::new("pupkit_cache_backplane_received_total", labels()),
             backplane_resubscribed: Tally::new(
                 "pupkit_cache_backplane_resubscribed_total",
@@ -180,6 +184,8 @@ impl CacheTally {
             coalesced_loads: self.coalesced_loads.get(),
             lock_waits: self.lock_waits.get(),
             lock_timeouts: self.lock_timeouts.get(),
+            stale_served: self.stale_served.get(),
+            fail_safe_activations: self.fail_safe_activations.get(),
             backplane_received: self.backplane_received.get(),
             backplane_resubscribed: self.backplane_resubscribed.get(),
             backend_errors: self.backend_errors.get(),
@@ -259,6 +265,10 @@ pub struct CacheStats {
     pub lock_waits: u64,
     /// Lock waits that ran out, after which this instance loaded anyway.
     pub lock_timeouts: u64,
+    /// Stale values served by `get_or_load` (fail-safe), to each caller that got one.
+    pub stale_served: u64,
+    /// Loads that failed or timed out and fell back to a stale value.
+    pub fail_safe_activations: u64,
     /// Other instances' backplane notices applied to L0.
     pub backplane_received: u64,
     /// Times the backplane subscription was re-established (each flushes L0).

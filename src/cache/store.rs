@@ -77,8 +77,10 @@ pub struct Write<'a> {
     pub key: &'a str,
     /// Index of the home tier.
     pub tier: usize,
-    /// Time to live.
+    /// Time to live: the entry is fresh until then (its logical expiry).
     pub ttl: Duration,
+    /// How long past its TTL the store keeps the entry, for fail-safe reads of a stale value.
+    pub grace: Duration,
     /// The envelope, with zero timestamps: the store stamps it with its own clock
     /// ([`crate::codec::stamp`]).
     pub envelope: Vec<u8>,

@@ -13,7 +13,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::config::{EntryOptions, TieredConfig};
-use super::flight::{self, Flights, Join, LoadFailure, Outcome, SharedLoadFailure};
+use super::flight::{FlightGuard, Flights, Join, LoadFailure, Outcome, Served, SharedLoadFailure};
 use super::keys::{check_key, check_tags};
 use super::l0::{L0, LocalStamps};
 use super::lock::{Backoff, HeldLock};
@@ -236,6 +236,26 @@ enum LockTurn<V> {
     Unlocked,
 }
 
+/// What a leader caches after its load.
+enum ToCache<V> {
+    /// A value just loaded, with the entry's options.
+    Loaded(Arc<V>),
+    /// A stale value served because the loader failed, written back as fresh for
+    /// `fail_safe.retry_after`.
+    Throttled(Arc<V>),
+}
+
+/// A value from [`Tiered::get_or_load_entry`], and whether it is a stale fallback.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct CacheEntry<V> {
+    /// The value.
+    pub value: Arc<V>,
+    /// True when it is past its TTL, served because the loader failed, timed out or was slower
+    /// than the soft timeout (fail-safe).
+    pub stale: bool,
+}
+
 /// What a write needs after validation and encoding.
 struct Prepared<'k, V> {
     key: &'k str,
@@ -266,22 +286,23 @@ where
     /// The value under `key`, from the first tier that holds a valid copy.
     pub async fn get(&self, key: &str) -> Result<Option<Arc<V>>> {
         check_key(key, self.inner.config.max_key_bytes)?;
-        if let Some(value) = self.l0_lookup(key).await {
+        if let Some((value, true)) = self.l0_lookup(key).await {
             return Ok(Some(value));
         }
         Ok(self.probe_shared(&[key], true).await.pop().flatten())
     }
 
-    /// A counted L0 lookup (`None` also when there is no L0).
-    async fn l0_lookup(&self, key: &str) -> Option<Arc<V>> {
+    /// A counted L0 lookup: the value and whether it is fresh (a stale one counts as a miss).
+    /// `None` also when there is no L0.
+    async fn l0_lookup(&self, key: &str) -> Option<(Arc<V>, bool)> {
         let inner = &*self.inner;
         let l0 = inner.l0.as_ref()?;
-        let value = l0.get(key, &inner.stamps).await;
-        match value {
-            Some(_) => inner.tally.l0().hits.add(1),
-            None => inner.tally.l0().misses.add(1),
+        let found = l0.lookup(key, &inner.stamps).await;
+        match found {
+            Some((_, true)) => inner.tally.l0().hits.add(1),
+            _ => inner.tally.l0().misses.add(1),
         }
-        value
+        found
     }
 
     /// The values under `keys`, in order. L0 misses are probed in one round trip.
@@ -338,7 +359,9 @@ where
     /// runs once, in its own task, and every caller gets its value or its error. A caller that
     /// gives up cancels nothing. Options are checked before the loader runs. If the loaded
     /// value cannot be cached (too large, or the shared tiers are down) it is still returned,
-    /// and the failure counted. Must be called within a Tokio runtime.
+    /// and the failure counted. With fail-safe on, a stale value may be returned instead of an
+    /// error or a wait; [`get_or_load_entry`](Self::get_or_load_entry) says when. Must be
+    /// called within a Tokio runtime.
     pub async fn get_or_load<F, Fut, E>(
         &self,
         key: &str,
@@ -350,99 +373,196 @@ where
         Fut: Future<Output = Result<V, E>> + Send + 'static,
         E: Into<BoxError> + 'static,
     {
-        check_key(key, self.inner.config.max_key_bytes)?;
-        self.check_options(options)?;
-        if let Some(value) = self.l0_lookup(key).await {
-            return Ok(value);
-        }
-        // Join before reading the shared tiers, so that a stampede costs one probe, not one
-        // per caller.
-        let slot = match self.inner.flights.join(key) {
-            Join::Follow(slot) => {
-                self.inner.tally.coalesced_loads.add(1);
-                slot
-            }
-            Join::Lead(guard) => {
-                let slot = guard.subscribe();
-                let cache = self.clone();
-                let (key, options) = (key.to_owned(), options.clone());
-                let use_lock = self.inner.config.lock.enabled && !options.skip_lock;
-                tokio::spawn(async move {
-                    let (outcome, loaded, lock) = cache.load_one(&key, use_lock, loader).await;
-                    let loaded = loaded
-                        .map(|value| (key.as_str(), value))
-                        .into_iter()
-                        .collect();
-                    let (l0_inserts, writes) =
-                        cache.split_writes(cache.prepare_loaded(loaded, &options));
-                    // L0 has the value before anyone is told; the shared tiers are written
-                    // after, so waiters do not wait for them.
-                    cache
-                        .fill_l0(l0_inserts, cache.store_clock_estimate(), &options)
-                        .await;
-                    guard.publish(outcome);
-                    if let (Some(store), false) = (&cache.inner.store, writes.is_empty()) {
-                        let _ = cache.track(store.backend(), store.write(writes).await);
-                    }
-                    // Other instances waiting on the lock find the value in the shared tiers.
-                    if let Some(lock) = lock {
-                        lock.release().await;
-                    }
-                    drop(guard);
-                });
-                slot
-            }
-        };
-        flight::wait(slot).await.map_err(|failure| Error::Loader {
-            key: excerpt(key),
-            source: Box::new(failure),
-        })
+        Ok(self.get_or_load_entry(key, options, loader).await?.value)
     }
 
-    /// The leader's part of a single-flight load: L0 again, the shared tiers, the load lock
-    /// (another instance may be loading), then the loader. Returns the outcome, the value when
-    /// it is new and still to be cached, and the lock to release once it is.
-    async fn load_one<F, Fut, E>(
+    /// [`get_or_load`](Self::get_or_load), saying whether the value is a stale fallback
+    /// (fail-safe: the loader failed, timed out, or was slower than the soft timeout).
+    pub async fn get_or_load_entry<F, Fut, E>(
         &self,
         key: &str,
-        use_lock: bool,
+        options: &EntryOptions,
         loader: F,
-    ) -> (Outcome<V>, Option<Arc<V>>, Option<HeldLock>)
+    ) -> Result<CacheEntry<V>>
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<V, E>> + Send + 'static,
+        E: Into<BoxError> + 'static,
+    {
+        let inner = &*self.inner;
+        check_key(key, inner.config.max_key_bytes)?;
+        self.check_options(options)?;
+        let own_stale = match self.l0_lookup(key).await {
+            Some((value, true)) => {
+                return Ok(CacheEntry {
+                    value,
+                    stale: false,
+                });
+            }
+            Some((value, false)) => Some(value),
+            None => None,
+        };
+        // Join before reading the shared tiers, so that a stampede costs one probe, not one
+        // per caller.
+        let waiter = match inner.flights.join(key) {
+            Join::Follow(waiter) => {
+                inner.tally.coalesced_loads.add(1);
+                waiter
+            }
+            Join::Lead(guard) => {
+                let waiter = guard.waiter();
+                let cache = self.clone();
+                let (key, options, stale) = (key.to_owned(), options.clone(), own_stale.clone());
+                tokio::spawn(async move { cache.lead(guard, &key, &options, stale, loader).await });
+                waiter
+            }
+        };
+        let fail_safe = &inner.config.fail_safe;
+        let soft_timeout = fail_safe
+            .soft_timeout
+            .filter(|_| !fail_safe.grace.is_zero());
+        match waiter.wait(soft_timeout, own_stale).await {
+            Ok(served) => {
+                if served.stale {
+                    inner.tally.stale_served.add(1);
+                }
+                Ok(CacheEntry {
+                    value: served.value,
+                    stale: served.stale,
+                })
+            }
+            Err(failure) => Err(Error::Loader {
+                key: excerpt(key),
+                source: Box::new(failure),
+            }),
+        }
+    }
+
+    /// The leader's task: load (or find), put the value in L0, tell the waiters, then write
+    /// the shared tiers and release the lock.
+    async fn lead<F, Fut, E>(
+        &self,
+        guard: FlightGuard<V>,
+        key: &str,
+        options: &EntryOptions,
+        stale: Option<Arc<V>>,
+        loader: F,
+    ) where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<V, E>> + Send + 'static,
+        E: Into<BoxError> + 'static,
+    {
+        let inner = &*self.inner;
+        let use_lock = inner.config.lock.enabled && !options.skip_lock;
+        let (outcome, to_cache, lock) = self.load_one(&guard, key, use_lock, stale, loader).await;
+        let mut cache_options;
+        let cache_options = match &to_cache {
+            Some(ToCache::Throttled(_)) => {
+                // The stale value counts as fresh for a while, so the loader is not hammered.
+                cache_options = options.clone();
+                cache_options.ttl = Some(inner.config.fail_safe.retry_after);
+                &cache_options
+            }
+            _ => options,
+        };
+        let loaded = to_cache
+            .map(|c| match c {
+                ToCache::Loaded(value) | ToCache::Throttled(value) => (key, value),
+            })
+            .into_iter()
+            .collect();
+        let (l0_inserts, writes) = self.split_writes(self.prepare_loaded(loaded, cache_options));
+        // L0 has the value before anyone is told; the shared tiers are written after, so
+        // waiters do not wait for them.
+        self.fill_l0(l0_inserts, self.store_clock_estimate(), cache_options)
+            .await;
+        guard.publish(outcome);
+        if let (Some(store), false) = (&inner.store, writes.is_empty()) {
+            let _ = self.track(store.backend(), store.write(writes).await);
+        }
+        // Other instances waiting on the lock find the value in the shared tiers.
+        if let Some(lock) = lock {
+            lock.release().await;
+        }
+        drop(guard);
+    }
+
+    /// The leader's load: L0 again, the shared tiers, the load lock (another instance may be
+    /// loading), then the loader under the hard timeout, with a stale value as the fallback.
+    /// Returns the outcome, what to cache, and the lock to release once it is cached.
+    async fn load_one<F, Fut, E>(
+        &self,
+        guard: &FlightGuard<V>,
+        key: &str,
+        use_lock: bool,
+        mut stale: Option<Arc<V>>,
+        loader: F,
+    ) -> (Outcome<V>, Option<ToCache<V>>, Option<HeldLock>)
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<V, E>>,
         E: Into<BoxError>,
     {
         let inner = &*self.inner;
+        let fresh = |value: Arc<V>| {
+            Ok(Served {
+                value,
+                stale: false,
+            })
+        };
         // A load that finished between this caller's miss and its lead has filled L0 (not
         // counted again as a lookup).
-        if let Some(l0) = &inner.l0
-            && let Some(value) = l0.get(key, &inner.stamps).await
-        {
-            return (Ok(value), None, None);
+        if let Some(l0) = &inner.l0 {
+            match l0.lookup(key, &inner.stamps).await {
+                Some((value, true)) => return (fresh(value), None, None),
+                Some((value, false)) => stale = Some(value),
+                None => {}
+            }
         }
-        if let Some(value) = self.probe_shared(&[key], true).await.pop().flatten() {
-            return (Ok(value), None, None);
+        match self.probe_detail(&[key], true).await.pop().flatten() {
+            Some((value, true)) => return (fresh(value), None, None),
+            Some((value, false)) => stale = Some(value),
+            None => {}
+        }
+        if let Some(value) = &stale {
+            guard.offer_stale(value.clone());
         }
         let mut lock = None;
         if let (true, Some(store)) = (use_lock, &inner.store) {
             match self.lock_or_wait(store, key).await {
-                LockTurn::Filled(value) => return (Ok(value), None, None),
+                LockTurn::Filled(value) => return (fresh(value), None, None),
                 LockTurn::Held(held) => lock = Some(held),
                 LockTurn::Unlocked => {}
             }
         }
         inner.tally.loader_calls.add(1);
-        let loaded: Result<V, BoxError> = loader().await.map_err(Into::into);
+        let hard_timeout = inner.config.fail_safe.hard_timeout;
+        let loaded: Result<V, LoadFailure> = match hard_timeout {
+            Some(limit) => match tokio::time::timeout(limit, loader()).await {
+                Ok(result) => result.map_err(|e| LoadFailure::Failed(e.into())),
+                Err(_) => Err(LoadFailure::TimedOut(limit)),
+            },
+            None => loader().await.map_err(|e| LoadFailure::Failed(e.into())),
+        };
         match loaded {
             Ok(value) => {
                 let value = Arc::new(value);
-                (Ok(value.clone()), Some(value), lock)
+                (fresh(value.clone()), Some(ToCache::Loaded(value)), lock)
             }
-            Err(error) => {
+            Err(failure) => {
                 inner.tally.loader_errors.add(1);
-                let failure = SharedLoadFailure(Arc::new(LoadFailure::Failed(error)));
-                (Err(failure), None, lock)
+                match stale {
+                    Some(value) => {
+                        inner.tally.fail_safe_activations.add(1);
+                        tracing::warn!(cache = %inner.config.name, key = %excerpt(key), error = %failure, "loader failed; serving the stale value");
+                        let served = Ok(Served {
+                            value: value.clone(),
+                            stale: true,
+                        });
+                        (served, Some(ToCache::Throttled(value)), lock)
+                    }
+                    None => (Err(SharedLoadFailure(Arc::new(failure))), None, lock),
+                }
             }
         }
     }
@@ -726,6 +846,7 @@ where
                 key: p.key,
                 tier: p.tier,
                 ttl: p.ttl,
+                grace: self.inner.config.fail_safe.grace,
                 envelope: p.encoded.bytes,
             });
         }
@@ -739,6 +860,7 @@ where
         options: &EntryOptions,
     ) {
         let inner = &*self.inner;
+        let grace = inner.config.fail_safe.grace;
         if let Some(l0) = &inner.l0 {
             for (key, value, ttl, len) in inserts {
                 l0.insert(
@@ -747,6 +869,7 @@ where
                     created_us,
                     &options.tags,
                     ttl,
+                    ttl + grace,
                     len,
                     &inner.stamps,
                 )
@@ -787,8 +910,18 @@ where
     /// Probes the shared tiers for `keys` and turns what they hold into values, backfilling
     /// L0. Failures count as misses.
     /// `counted` is false for re-reads that are not new lookups (a lock waiter's polls); they
-    /// leave the hit and miss counters alone.
+    /// leave the hit and miss counters alone. Only fresh values.
     async fn probe_shared(&self, keys: &[&str], counted: bool) -> Vec<Option<Arc<V>>> {
+        let found = self.probe_detail(keys, counted).await;
+        found
+            .into_iter()
+            .map(|f| f.and_then(|(value, fresh)| fresh.then_some(value)))
+            .collect()
+    }
+
+    /// Like [`probe_shared`](Self::probe_shared), with stale values (past their TTL, within
+    /// their grace) too, each with whether it is fresh.
+    async fn probe_detail(&self, keys: &[&str], counted: bool) -> Vec<Option<(Arc<V>, bool)>> {
         let inner = &*self.inner;
         let Some(store) = &inner.store else {
             return vec![None; keys.len()];
@@ -823,6 +956,9 @@ where
     }
 
     /// Decodes and checks one found entry; counts hits, misses, promotions and demotions.
+    /// Returns the value and whether it is fresh; a stale value (past its TTL, within its
+    /// grace) counts as a miss.
+    #[allow(clippy::too_many_arguments)]
     async fn accept(
         &self,
         store: &dyn TierStore,
@@ -831,7 +967,7 @@ where
         now_us: u64,
         clear_us: u64,
         counted: bool,
-    ) -> Option<Arc<V>> {
+    ) -> Option<(Arc<V>, bool)> {
         let inner = &*self.inner;
         let count_misses_through = |last: usize| {
             if !counted {
@@ -855,10 +991,13 @@ where
             }
         };
         let header = &decoded.header;
-        if header.expires_us <= now_us {
+        let grace_us = inner.config.fail_safe.grace.as_micros() as u64;
+        let kept_until_us = header.expires_us.saturating_add(grace_us);
+        if kept_until_us <= now_us {
             count_misses_through(usize::MAX);
             return None;
         }
+        let fresh = header.expires_us > now_us;
         let invalidated = header.created_us <= clear_us
             || found
                 .tag_stamps
@@ -869,11 +1008,15 @@ where
             count_misses_through(usize::MAX);
             return None;
         }
-        if found.tier > 0 {
-            count_misses_through(found.tier - 1);
-        }
-        if counted {
-            inner.tally.shared(found.tier).hits.add(1);
+        if !fresh {
+            count_misses_through(usize::MAX);
+        } else {
+            if found.tier > 0 {
+                count_misses_through(found.tier - 1);
+            }
+            if counted {
+                inner.tally.shared(found.tier).hits.add(1);
+            }
         }
         if found.promoted {
             inner.tally.shared(0).promotions.add(1);
@@ -883,19 +1026,21 @@ where
         }
         let value = Arc::new(decoded.value);
         if let Some(l0) = &inner.l0 {
-            let remaining = Duration::from_micros(header.expires_us - now_us);
+            let fresh_for = Duration::from_micros(header.expires_us.saturating_sub(now_us));
+            let remaining = Duration::from_micros(kept_until_us - now_us);
             l0.insert(
                 key,
                 value.clone(),
                 header.created_us,
                 &header.tags,
+                fresh_for,
                 remaining,
                 found.envelope.len(),
                 &inner.stamps,
             )
             .await;
         }
-        Some(value)
+        Some((value, fresh))
     }
 
     /// Counts and logs a store failure, and notes recovery.
