@@ -447,21 +447,26 @@ async fn get_or_load_many_asks_the_loader_for_missing_keys_only() {
         .set("a", message(1), &EntryOptions::new())
         .await
         .unwrap();
-    let asked = std::sync::Mutex::new(Vec::new());
+    let asked = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = asked.clone();
     let values = cache
-        .get_or_load_many(&["a", "b", "c", "b"], &EntryOptions::new(), |missing| {
-            asked.lock().unwrap().extend(missing.clone());
-            async move {
-                // "c" does not exist upstream; "zzz" was never asked for and is ignored.
-                let mut found = HashMap::new();
-                found.insert("b".to_owned(), message(2));
-                found.insert("zzz".to_owned(), message(99));
-                Ok::<_, std::io::Error>(found)
-            }
-        })
+        .get_or_load_many(
+            &["a", "b", "c", "b"],
+            &EntryOptions::new(),
+            move |missing| {
+                record.lock().unwrap().extend(missing.clone());
+                async move {
+                    // "c" does not exist upstream; "zzz" was never asked for and is ignored.
+                    let mut found = HashMap::new();
+                    found.insert("b".to_owned(), message(2));
+                    found.insert("zzz".to_owned(), message(99));
+                    Ok::<_, std::io::Error>(found)
+                }
+            },
+        )
         .await
         .unwrap();
-    let mut asked = asked.into_inner().unwrap();
+    let mut asked = asked.lock().unwrap().clone();
     asked.sort();
     assert_eq!(asked, ["b", "c"]);
     assert_eq!(values[0].as_deref(), Some(&message(1)));
@@ -470,6 +475,85 @@ async fn get_or_load_many_asks_the_loader_for_missing_keys_only() {
     assert_eq!(values[3].as_deref(), Some(&message(2)));
     assert!(cache.get("zzz").await.unwrap().is_none());
     assert_eq!(cache.get("b").await.unwrap().as_deref(), Some(&message(2)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_batch_loads_of_the_same_keys_share_one_loader_call() {
+    let cache = memory_cache("many-flight");
+    let (calls, gate) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(tokio::sync::Notify::new()),
+    );
+    let callers: Vec<_> = (0..20)
+        .map(|_| {
+            let (cache, calls, gate) = (cache.clone(), calls.clone(), gate.clone());
+            tokio::spawn(async move {
+                cache
+                    .get_or_load_many(&["x", "y"], &EntryOptions::new(), move |keys| async move {
+                        calls.fetch_add(1, Ordering::SeqCst);
+                        gate.notified().await;
+                        Ok::<_, std::io::Error>(keys.into_iter().map(|k| (k, message(5))).collect())
+                    })
+                    .await
+            })
+        })
+        .collect();
+    eventually("all callers joined", || {
+        cache.stats().coalesced_loads == 2 * 19
+    })
+    .await;
+    gate.notify_waiters();
+    for caller in callers {
+        let values = caller.await.unwrap().unwrap();
+        assert!(values.iter().all(|v| v.as_deref() == Some(&message(5))));
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    // A single-key call joins a batch's flight too, and a key the batch did not return is
+    // an error for it.
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let batch = {
+        let (cache, gate) = (cache.clone(), gate.clone());
+        tokio::spawn(async move {
+            cache
+                .get_or_load_many(
+                    &["found", "missing"],
+                    &EntryOptions::new(),
+                    move |_| async move {
+                        gate.notified().await;
+                        Ok::<_, std::io::Error>(HashMap::from([("found".to_owned(), message(6))]))
+                    },
+                )
+                .await
+        })
+    };
+    eventually("the batch is in flight", || cache.stats().loader_calls == 2).await;
+    let single = {
+        let cache = cache.clone();
+        tokio::spawn(async move {
+            cache
+                .get_or_load("missing", &EntryOptions::new(), || async {
+                    Ok::<_, std::io::Error>(message(7))
+                })
+                .await
+        })
+    };
+    eventually("the single call joined", || {
+        cache.stats().coalesced_loads == 2 * 19 + 1
+    })
+    .await;
+    gate.notify_waiters();
+    assert_eq!(
+        batch.await.unwrap().unwrap(),
+        vec![Some(Arc::new(message(6))), None]
+    );
+    let err = single.await.unwrap().unwrap_err();
+    assert!(
+        std::error::Error::source(&err)
+            .unwrap()
+            .to_string()
+            .contains("returned no value"),
+        "{err}"
+    );
 }
 
 #[tokio::test]

@@ -23,6 +23,8 @@ pub(crate) enum LoadFailure {
     TimedOut(Duration),
     /// The loader's task ended without an outcome: it panicked or its runtime shut down.
     Abandoned,
+    /// A batch loader did not return this key (it does not exist upstream).
+    NotReturned,
 }
 
 impl fmt::Display for LoadFailure {
@@ -34,6 +36,9 @@ impl fmt::Display for LoadFailure {
                 "the loader took longer than the hard timeout of {after:?}"
             ),
             LoadFailure::Abandoned => f.write_str("the loader panicked or its task was cancelled"),
+            LoadFailure::NotReturned => {
+                f.write_str("the batch loader returned no value for this key")
+            }
         }
     }
 }
@@ -52,7 +57,7 @@ impl std::error::Error for SharedLoadFailure {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match &*self.0 {
             LoadFailure::Failed(error) => error.source(),
-            LoadFailure::TimedOut(_) | LoadFailure::Abandoned => None,
+            LoadFailure::TimedOut(_) | LoadFailure::Abandoned | LoadFailure::NotReturned => None,
         }
     }
 }

@@ -13,7 +13,9 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::config::{EntryOptions, TieredConfig};
-use super::flight::{FlightGuard, Flights, Join, LoadFailure, Outcome, Served, SharedLoadFailure};
+use super::flight::{
+    FlightGuard, Flights, Join, LoadFailure, Outcome, Served, SharedLoadFailure, Waiter,
+};
 use super::keys::{check_key, check_tags};
 use super::l0::{L0, LocalStamps};
 use super::lock::{Backoff, HeldLock};
@@ -610,8 +612,10 @@ where
     }
 
     /// The values under `keys`, in order; `loader` is called once, with only the keys that no
-    /// tier holds, and what it returns is cached with `options`. Keys it does not return stay
-    /// `None` and are not cached.
+    /// tier holds and no other call is loading, and what it returns is cached with `options`.
+    /// Keys it does not return stay `None` and are not cached. Keys another call is loading
+    /// are waited for (single-flight per key, as in [`get_or_load`](Self::get_or_load)); the
+    /// cross-instance lock and stale fallbacks apply to `get_or_load` only.
     pub async fn get_or_load_many<F, Fut, E>(
         &self,
         keys: &[&str],
@@ -619,52 +623,116 @@ where
         loader: F,
     ) -> Result<Vec<Option<Arc<V>>>>
     where
-        F: FnOnce(Vec<String>) -> Fut + Send,
-        Fut: Future<Output = Result<HashMap<String, V>, E>> + Send,
-        E: Into<BoxError>,
+        F: FnOnce(Vec<String>) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<HashMap<String, V>, E>> + Send + 'static,
+        E: Into<BoxError> + 'static,
     {
         self.check_options(options)?;
         let mut out = self.get_many(keys).await?;
-        let mut wanted: HashMap<&str, Vec<usize>> = HashMap::new();
-        let mut missing: Vec<String> = Vec::new();
+        let inner = &*self.inner;
+        // Each missing key joins the load in flight for it, or is led by this call.
+        let mut waiting: Vec<(&str, Waiter<V>)> = Vec::new();
+        let mut leads: Vec<(String, FlightGuard<V>)> = Vec::new();
         for (i, key) in keys.iter().enumerate() {
-            if out[i].is_none() {
-                let slots = wanted.entry(key).or_default();
-                if slots.is_empty() {
-                    missing.push((*key).to_owned());
+            if out[i].is_some() || waiting.iter().any(|(k, _)| k == key) {
+                continue;
+            }
+            match inner.flights.join(key) {
+                Join::Follow(waiter) => {
+                    inner.tally.coalesced_loads.add(1);
+                    waiting.push((key, waiter));
                 }
-                slots.push(i);
+                Join::Lead(guard) => {
+                    waiting.push((key, guard.waiter()));
+                    leads.push(((*key).to_owned(), guard));
+                }
             }
         }
-        if missing.is_empty() {
-            return Ok(out);
+        if !leads.is_empty() {
+            let cache = self.clone();
+            let options = options.clone();
+            tokio::spawn(async move { cache.lead_many(leads, &options, loader).await });
         }
+        for (key, waiter) in waiting {
+            let value = match waiter.wait(None, None).await {
+                Ok(served) => Some(served.value),
+                Err(failure) if matches!(*failure.0, LoadFailure::NotReturned) => None,
+                Err(failure) => {
+                    return Err(Error::Loader {
+                        key: excerpt(key),
+                        source: Box::new(failure),
+                    });
+                }
+            };
+            for (i, k) in keys.iter().enumerate() {
+                if *k == key {
+                    out[i] = value.clone();
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The leader's task of a batch load: one loader call for every key this call leads, each
+    /// key's flight told its own outcome.
+    async fn lead_many<F, Fut, E>(
+        &self,
+        leads: Vec<(String, FlightGuard<V>)>,
+        options: &EntryOptions,
+        loader: F,
+    ) where
+        F: FnOnce(Vec<String>) -> Fut,
+        Fut: Future<Output = Result<HashMap<String, V>, E>>,
+        E: Into<BoxError>,
+    {
         let inner = &*self.inner;
+        let keys: Vec<String> = leads.iter().map(|(key, _)| key.clone()).collect();
         inner.tally.loader_calls.add(1);
-        let first_missing = excerpt(&missing[0]);
-        let loaded = match loader(missing).await {
+        let loaded = match inner.config.fail_safe.hard_timeout {
+            Some(limit) => match tokio::time::timeout(limit, loader(keys)).await {
+                Ok(result) => result.map_err(|e| LoadFailure::Failed(e.into())),
+                Err(_) => Err(LoadFailure::TimedOut(limit)),
+            },
+            None => loader(keys)
+                .await
+                .map_err(|e| LoadFailure::Failed(e.into())),
+        };
+        let mut loaded = match loaded {
             Ok(loaded) => loaded,
-            Err(error) => {
+            Err(failure) => {
                 inner.tally.loader_errors.add(1);
-                return Err(Error::Loader {
-                    key: first_missing,
-                    source: error.into(),
-                });
+                let failure = SharedLoadFailure(Arc::new(failure));
+                for (_, guard) in &leads {
+                    guard.publish(Err(failure.clone()));
+                }
+                return;
             }
         };
-        let mut to_cache = Vec::with_capacity(loaded.len());
-        for (key, value) in loaded {
-            let Some((&key, slots)) = wanted.get_key_value(key.as_str()) else {
-                continue;
+        let found: Vec<(&str, Arc<V>)> = leads
+            .iter()
+            .filter_map(|(key, _)| {
+                loaded
+                    .remove(key)
+                    .map(|value| (key.as_str(), Arc::new(value)))
+            })
+            .collect();
+        let not_returned = SharedLoadFailure(Arc::new(LoadFailure::NotReturned));
+        let (l0_inserts, writes) = self.split_writes(self.prepare_loaded(found.clone(), options));
+        self.fill_l0(l0_inserts, self.store_clock_estimate(), options)
+            .await;
+        for (key, guard) in &leads {
+            let outcome = match found.iter().find(|(k, _)| k == key) {
+                Some((_, value)) => Ok(Served {
+                    value: value.clone(),
+                    stale: false,
+                }),
+                None => Err(not_returned.clone()),
             };
-            let value = Arc::new(value);
-            for &i in slots {
-                out[i] = Some(value.clone());
-            }
-            to_cache.push((key, value));
+            guard.publish(outcome);
         }
-        self.cache_loaded(to_cache, options).await;
-        Ok(out)
+        if let (Some(store), false) = (&inner.store, writes.is_empty()) {
+            let _ = self.track(store.backend(), store.write(writes).await);
+        }
     }
 
     /// Stores `value` under `key` in its home tier (removing copies elsewhere) and in L0.
@@ -896,15 +964,6 @@ where
             }
         }
         prepared
-    }
-
-    /// Caches freshly loaded values (see [`prepare_loaded`](Self::prepare_loaded)).
-    async fn cache_loaded(&self, loaded: Vec<(&str, Arc<V>)>, options: &EntryOptions) {
-        let prepared = self.prepare_loaded(loaded, options);
-        if !prepared.is_empty() {
-            // A store failure is already counted and logged by `write`.
-            let _ = self.write(prepared, options).await;
-        }
     }
 
     /// Probes the shared tiers for `keys` and turns what they hold into values, backfilling
