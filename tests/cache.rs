@@ -399,6 +399,56 @@ async fn a_soft_timeout_serves_stale_and_lets_the_load_finish() {
 }
 
 #[tokio::test]
+async fn eager_refresh_reloads_in_the_background_past_its_point() {
+    let mut config = TieredConfig::named("eager");
+    config.eager_refresh = 0.5;
+    let cache: Tiered<Message> = Tiered::builder(config)
+        .memory_tiers(16 << 20)
+        .build()
+        .unwrap();
+    let options = EntryOptions::new().ttl(Duration::from_secs(2));
+    cache.set("k", message(1), &options).await.unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let reload = |calls: &Arc<AtomicUsize>| {
+        let calls = calls.clone();
+        move || async move {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, std::io::Error>(message(2))
+        }
+    };
+    // Before half the TTL: served, no refresh.
+    assert_eq!(
+        *cache
+            .get_or_load("k", &options, reload(&calls))
+            .await
+            .unwrap(),
+        message(1)
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    // Past it: the current value is served at once, and refreshed in the background.
+    assert_eq!(
+        *cache
+            .get_or_load("k", &options, reload(&calls))
+            .await
+            .unwrap(),
+        message(1)
+    );
+    eventually("the refresh cached its value", || {
+        calls.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    for _ in 0..2000 {
+        if cache.get("k").await.unwrap().as_deref() == Some(&message(2)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(cache.get("k").await.unwrap().as_deref(), Some(&message(2)));
+    assert_eq!(cache.stats().eager_refreshes, 1);
+}
+
+#[tokio::test]
 async fn an_l0_miss_is_one_probe_of_the_shared_tiers_even_for_many_keys() {
     let config = TieredConfig::named("probes");
     let store = Arc::new(CountingStore {
@@ -1174,6 +1224,42 @@ mod redis {
             .await
             .unwrap();
         assert_eq!((&*entry.value, entry.stale), (&message(1), true));
+        delete_prefix(&prefix).await;
+    }
+
+    #[tokio::test]
+    async fn an_eager_refresh_runs_once_across_instances() {
+        let Some(redis) = connect().await else { return };
+        let prefix = unique_prefix("eager");
+        let mut eager = config(&prefix, "msgs", true);
+        eager.eager_refresh = 0.5;
+        let a = cache(&redis, eager.clone()).await;
+        let b = cache(&redis, eager).await;
+        let options = EntryOptions::new().ttl(Duration::from_secs(2));
+        a.set("k", message(1), &options).await.unwrap();
+        assert!(b.get("k").await.unwrap().is_some(), "B holds k in L0 too");
+        tokio::time::sleep(Duration::from_millis(1_200)).await;
+        let (calls, gate) = (
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(tokio::sync::Notify::new()),
+        );
+        for node in [&a, &b] {
+            let loader = gated_loader(&calls, &gate, Ok(message(2)));
+            let value = node.get_or_load("k", &options, loader).await.unwrap();
+            assert_eq!(*value, message(1), "the current value is served meanwhile");
+            if node.stats().eager_refreshes == 0 && calls.load(Ordering::SeqCst) == 0 {
+                eventually("A's refresh took the lock", || {
+                    calls.load(Ordering::SeqCst) == 1
+                })
+                .await;
+            }
+        }
+        // B's attempt finds A's lock, or (if it comes later) A's refreshed value: no second
+        // load either way.
+        gate.notify_waiters();
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert_eq!(a.stats().eager_refreshes + b.stats().eager_refreshes, 1);
+        reads_eventually(&b, "k", Some(message(2))).await;
         delete_prefix(&prefix).await;
     }
 

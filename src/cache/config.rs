@@ -32,6 +32,10 @@ pub struct TieredConfig {
     pub lock: LockConfig,
     /// Serving a stale value when the loader fails or is slow.
     pub fail_safe: FailSafeConfig,
+    /// Eager refresh: a `get_or_load` that finds a value past this fraction of its TTL serves
+    /// it and refreshes it in the background, once per key across instances (the load lock,
+    /// without waiting). From 0 (off, the default) to below 1; 0.8 is a common choice.
+    pub eager_refresh: f64,
     /// Whether instances tell each other, over a Redis pub/sub channel of this cache's own,
     /// which keys and tags they changed, so that other instances drop them from L0. Default
     /// true.
@@ -77,6 +81,7 @@ impl Default for TieredConfig {
             promotion: PromotionConfig::default(),
             lock: LockConfig::default(),
             fail_safe: FailSafeConfig::default(),
+            eager_refresh: 0.0,
             backplane: true,
             stamp_ttl: Duration::from_secs(1),
             max_ttl: Duration::from_secs(7 * 24 * 60 * 60),
@@ -153,6 +158,12 @@ impl TieredConfig {
             return Err(Error::invalid(
                 "limits",
                 "max_key_bytes, max_value_bytes and max_ttl must be above zero",
+            ));
+        }
+        if !(0.0..1.0).contains(&self.eager_refresh) {
+            return Err(Error::invalid(
+                "eager_refresh",
+                format!("{} is outside 0 (off) to below 1", self.eager_refresh),
             ));
         }
         if !self.fail_safe.grace.is_zero() && self.fail_safe.retry_after.is_zero() {

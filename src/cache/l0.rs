@@ -12,6 +12,34 @@ use moka::notification::RemovalCause;
 
 use super::stats::CacheTally;
 
+/// What a lookup found.
+#[derive(Debug)]
+pub(crate) struct Hit<V> {
+    pub(crate) value: Arc<V>,
+    /// Within its TTL (else stale: past it, within its grace).
+    pub(crate) fresh: bool,
+    /// Past the eager-refresh point of its TTL.
+    pub(crate) refresh_due: bool,
+}
+
+impl<V> Clone for Hit<V> {
+    fn clone(&self) -> Self {
+        Hit {
+            value: self.value.clone(),
+            fresh: self.fresh,
+            refresh_due: self.refresh_due,
+        }
+    }
+}
+
+/// How long a value stays fresh, and when it is due for an eager refresh (none when eager
+/// refresh is off).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Freshness {
+    pub(crate) fresh_for: Duration,
+    pub(crate) refresh_in: Option<Duration>,
+}
+
 /// One L0 entry. Cloning it (which moka does on every hit) costs one `Arc` increment.
 pub(crate) struct L0Entry<V> {
     pub(crate) value: Arc<V>,
@@ -21,6 +49,8 @@ pub(crate) struct L0Entry<V> {
     tags: Option<Arc<[String]>>,
     /// Past this the value is stale: kept only as a fail-safe fallback.
     fresh_until: Instant,
+    /// Past this a `get_or_load` refreshes it in the background (eager refresh).
+    refresh_at: Option<Instant>,
     ttl: Duration,
     weight: u32,
 }
@@ -32,6 +62,7 @@ impl<V> Clone for L0Entry<V> {
             created_us: self.created_us,
             tags: self.tags.clone(),
             fresh_until: self.fresh_until,
+            refresh_at: self.refresh_at,
             ttl: self.ttl,
             weight: self.weight,
         }
@@ -79,27 +110,32 @@ impl<V: Send + Sync + 'static> L0<V> {
 
     /// The fresh value under `key`, unless a tag or clear recorded here has invalidated it.
     pub(crate) async fn get(&self, key: &str, stamps: &LocalStamps) -> Option<Arc<V>> {
-        match self.lookup(key, stamps).await? {
-            (value, true) => Some(value),
-            (_, false) => None,
-        }
+        self.lookup(key, stamps)
+            .await
+            .and_then(|hit| hit.fresh.then_some(hit.value))
     }
 
-    /// The value under `key` and whether it is still fresh (a stale one is past its TTL but
-    /// within its grace), unless a tag or clear recorded here has invalidated it.
-    pub(crate) async fn lookup(&self, key: &str, stamps: &LocalStamps) -> Option<(Arc<V>, bool)> {
+    /// The value under `key`, whether it is still fresh (a stale one is past its TTL but
+    /// within its grace) and whether it is due for an eager refresh, unless a tag or clear
+    /// recorded here has invalidated it.
+    pub(crate) async fn lookup(&self, key: &str, stamps: &LocalStamps) -> Option<Hit<V>> {
         let entry = self.cache.get(key).await?;
         if stamps.is_stale(entry.created_us, entry.tags.as_deref()) {
             self.cache.invalidate(key).await;
             return None;
         }
-        let fresh = Instant::now() < entry.fresh_until;
-        Some((entry.value, fresh))
+        let now = Instant::now();
+        Some(Hit {
+            value: entry.value,
+            fresh: now < entry.fresh_until,
+            refresh_due: entry.refresh_at.is_some_and(|at| now >= at),
+        })
     }
 
-    /// Inserts a value that is fresh for `fresh_for` more and kept `remaining` more in its
-    /// tier (both capped by L0's own TTL). Skipped if a local invalidation already covers it
-    /// (a probe racing an invalidation).
+    /// Inserts a value that is fresh for `fresh.fresh_for` more, due for an eager refresh
+    /// after `fresh.refresh_in`, and kept `remaining` more in its tier (all capped by L0's own
+    /// TTL). Skipped if a local invalidation already covers it (a probe racing an
+    /// invalidation).
     #[allow(clippy::too_many_arguments)]
     pub(crate) async fn insert(
         &self,
@@ -107,11 +143,15 @@ impl<V: Send + Sync + 'static> L0<V> {
         value: Arc<V>,
         created_us: u64,
         tags: &[String],
-        fresh_for: Duration,
+        fresh: Freshness,
         remaining: Duration,
         encoded_len: usize,
         stamps: &LocalStamps,
     ) {
+        let Freshness {
+            fresh_for,
+            refresh_in,
+        } = fresh;
         let ttl = remaining.min(self.max_ttl);
         if ttl.is_zero() || stamps.is_stale(created_us, Some(tags)) {
             return;
@@ -121,6 +161,7 @@ impl<V: Send + Sync + 'static> L0<V> {
             created_us,
             tags: (!tags.is_empty()).then(|| Arc::from(tags)),
             fresh_until: Instant::now() + fresh_for.min(ttl),
+            refresh_at: refresh_in.map(|after| Instant::now() + after),
             ttl,
             weight: u32::try_from(encoded_len + key.len() + 64).unwrap_or(u32::MAX),
         };

@@ -85,6 +85,7 @@ pub(crate) struct CacheTally {
     pub(crate) lock_waits: Tally,
     pub(crate) lock_timeouts: Tally,
     pub(crate) stale_served: Tally,
+    pub(crate) eager_refreshes: Tally,
     pub(crate) fail_safe_activations: Tally,
     pub(crate) backplane_received: Tally,
     pub(crate) backplane_resubscribed: Tally,
@@ -120,6 +121,7 @@ impl CacheTally {
             lock_waits: Tally::new("pupkit_cache_lock_waits_total", labels()),
             lock_timeouts: Tally::new("pupkit_cache_lock_timeouts_total", labels()),
             stale_served: Tally::new("pupkit_cache_stale_served_total", labels()),
+            eager_refreshes: Tally::new("pupkit_cache_eager_refreshes_total", labels()),
             fail_safe_activations: Tally::new("pupkit_cache_fail_safe_activations_total", labels()),
             backplane_received: Tally::new("pupkit_cache_backplane_received_total", labels()),
             backplane_resubscribed: Tally::new(
@@ -185,6 +187,7 @@ impl CacheTally {
             lock_waits: self.lock_waits.get(),
             lock_timeouts: self.lock_timeouts.get(),
             stale_served: self.stale_served.get(),
+            eager_refreshes: self.eager_refreshes.get(),
             fail_safe_activations: self.fail_safe_activations.get(),
             backplane_received: self.backplane_received.get(),
             backplane_resubscribed: self.backplane_resubscribed.get(),
@@ -267,6 +270,8 @@ pub struct CacheStats {
     pub lock_timeouts: u64,
     /// Stale values served by `get_or_load` (fail-safe), to each caller that got one.
     pub stale_served: u64,
+    /// Background refreshes of values past the eager-refresh point that this instance ran.
+    pub eager_refreshes: u64,
     /// Loads that failed or timed out and fell back to a stale value.
     pub fail_safe_activations: u64,
     /// Other instances' backplane notices applied to L0.

@@ -17,7 +17,7 @@ use super::flight::{
     FlightGuard, Flights, Join, LoadFailure, Outcome, Served, SharedLoadFailure, Waiter,
 };
 use super::keys::{check_key, check_tags};
-use super::l0::{L0, LocalStamps};
+use super::l0::{Freshness, Hit, L0, LocalStamps};
 use super::lock::{Backoff, HeldLock};
 use super::memory::{MemoryTiers, wall_us};
 use super::stats::{CacheStats, CacheTally, error_chain};
@@ -239,7 +239,9 @@ enum LockTurn<V> {
 }
 
 /// What a leader caches after its load.
-enum ToCache<V> {
+enum ToCache<V: 'static> {
+    /// Nothing loaded: the value found is due for an eager refresh, with this loader.
+    Refresh(Loader<V>),
     /// A value just loaded, with the entry's options.
     Loaded(Arc<V>),
     /// A stale value served because the loader failed, written back as fresh for
@@ -288,7 +290,10 @@ where
     /// The value under `key`, from the first tier that holds a valid copy.
     pub async fn get(&self, key: &str) -> Result<Option<Arc<V>>> {
         check_key(key, self.inner.config.max_key_bytes)?;
-        if let Some((value, true)) = self.l0_lookup(key).await {
+        if let Some(Hit {
+            value, fresh: true, ..
+        }) = self.l0_lookup(key).await
+        {
             return Ok(Some(value));
         }
         Ok(self.probe_shared(&[key], true).await.pop().flatten())
@@ -296,15 +301,30 @@ where
 
     /// A counted L0 lookup: the value and whether it is fresh (a stale one counts as a miss).
     /// `None` also when there is no L0.
-    async fn l0_lookup(&self, key: &str) -> Option<(Arc<V>, bool)> {
+    async fn l0_lookup(&self, key: &str) -> Option<Hit<V>> {
         let inner = &*self.inner;
         let l0 = inner.l0.as_ref()?;
         let found = l0.lookup(key, &inner.stamps).await;
-        match found {
-            Some((_, true)) => inner.tally.l0().hits.add(1),
+        match &found {
+            Some(hit) if hit.fresh => inner.tally.l0().hits.add(1),
             _ => inner.tally.l0().misses.add(1),
         }
         found
+    }
+
+    /// How long a value created at `created_us` and fresh until `expires_us` stays fresh from
+    /// `now_us`, and when it is due for an eager refresh.
+    fn freshness(&self, created_us: u64, expires_us: u64, now_us: u64) -> Freshness {
+        let eager = self.inner.config.eager_refresh;
+        let refresh_in = (eager > 0.0).then(|| {
+            let ttl_us = expires_us.saturating_sub(created_us) as f64;
+            let refresh_at_us = created_us + (ttl_us * eager) as u64;
+            Duration::from_micros(refresh_at_us.saturating_sub(now_us))
+        });
+        Freshness {
+            fresh_for: Duration::from_micros(expires_us.saturating_sub(now_us)),
+            refresh_in,
+        }
     }
 
     /// The values under `keys`, in order. L0 misses are probed in one round trip.
@@ -395,13 +415,16 @@ where
         check_key(key, inner.config.max_key_bytes)?;
         self.check_options(options)?;
         let own_stale = match self.l0_lookup(key).await {
-            Some((value, true)) => {
+            Some(hit) if hit.fresh => {
+                if hit.refresh_due {
+                    self.spawn_refresh(key, options, hit.value.clone(), loader);
+                }
                 return Ok(CacheEntry {
-                    value,
+                    value: hit.value,
                     stale: false,
                 });
             }
-            Some((value, false)) => Some(value),
+            Some(hit) => Some(hit.value),
             None => None,
         };
         // Join before reading the shared tiers, so that a stampede costs one probe, not one
@@ -467,9 +490,14 @@ where
             }
             _ => options,
         };
+        let mut refresh = None;
         let loaded = to_cache
-            .map(|c| match c {
-                ToCache::Loaded(value) | ToCache::Throttled(value) => (key, value),
+            .and_then(|c| match c {
+                ToCache::Loaded(value) | ToCache::Throttled(value) => Some((key, value)),
+                ToCache::Refresh(loader) => {
+                    refresh = Some(loader);
+                    None
+                }
             })
             .into_iter()
             .collect();
@@ -486,7 +514,95 @@ where
         if let Some(lock) = lock {
             lock.release().await;
         }
+        if let Some(loader) = refresh {
+            self.refresh(key, options, loader).await;
+        }
         drop(guard);
+    }
+
+    /// Starts an eager refresh of `key`, whose `current` value is still fresh, unless a load
+    /// or refresh of it is already running here.
+    fn spawn_refresh<F, Fut, E>(
+        &self,
+        key: &str,
+        options: &EntryOptions,
+        current: Arc<V>,
+        loader: F,
+    ) where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<V, E>> + Send + 'static,
+        E: Into<BoxError> + 'static,
+    {
+        let Join::Lead(guard) = self.inner.flights.join(key) else {
+            return;
+        };
+        // Whoever joins meanwhile gets the current value at once.
+        guard.publish(Ok(Served {
+            value: current,
+            stale: false,
+        }));
+        let cache = self.clone();
+        let (key, options) = (key.to_owned(), options.clone());
+        tokio::spawn(async move {
+            cache.refresh(&key, &options, loader).await;
+            drop(guard);
+        });
+    }
+
+    /// Reloads `key` and caches the new value, once across instances: it runs only if this
+    /// instance takes the load lock without waiting. A failure leaves the current value.
+    async fn refresh<F, Fut, E>(&self, key: &str, options: &EntryOptions, loader: F)
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<V, E>>,
+        E: Into<BoxError>,
+    {
+        let inner = &*self.inner;
+        let lock = match &inner.store {
+            Some(store) => match HeldLock::try_take(store, key, inner.config.lock.lease).await {
+                Ok(Some(lock)) => Some(lock),
+                // Another instance is loading or refreshing it, or the store is failing.
+                Ok(None) | Err(_) => return,
+            },
+            None => None,
+        };
+        // Another instance may have refreshed it just before releasing the lock.
+        if let Some(Some(hit)) = self.probe_detail(&[key], false).await.pop()
+            && hit.fresh
+            && !hit.refresh_due
+        {
+            if let Some(lock) = lock {
+                lock.release().await;
+            }
+            return;
+        }
+        inner.tally.eager_refreshes.add(1);
+        inner.tally.loader_calls.add(1);
+        let loaded = match inner.config.fail_safe.hard_timeout {
+            Some(limit) => match tokio::time::timeout(limit, loader()).await {
+                Ok(result) => result.map_err(|e| LoadFailure::Failed(e.into())),
+                Err(_) => Err(LoadFailure::TimedOut(limit)),
+            },
+            None => loader().await.map_err(|e| LoadFailure::Failed(e.into())),
+        };
+        match loaded {
+            Ok(value) => {
+                let prepared = self.prepare_loaded(vec![(key, Arc::new(value))], options);
+                let (l0_inserts, writes) = self.split_writes(prepared);
+                self.fill_l0(l0_inserts, self.store_clock_estimate(), options)
+                    .await;
+                if let (Some(store), false) = (&inner.store, writes.is_empty()) {
+                    let _ = self.track(store.backend(), store.write(writes).await);
+                }
+            }
+            Err(failure) => {
+                inner.tally.loader_errors.add(1);
+                tracing::warn!(cache = %inner.config.name, key = %excerpt(key), error = %failure, "eager refresh failed; the current value stays");
+            }
+        }
+        if let Some(lock) = lock {
+            lock.release().await;
+        }
     }
 
     /// The leader's load: L0 again, the shared tiers, the load lock (another instance may be
@@ -501,9 +617,9 @@ where
         loader: F,
     ) -> (Outcome<V>, Option<ToCache<V>>, Option<HeldLock>)
     where
-        F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<V, E>>,
-        E: Into<BoxError>,
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<V, E>> + Send + 'static,
+        E: Into<BoxError> + 'static,
     {
         let inner = &*self.inner;
         let fresh = |value: Arc<V>| {
@@ -516,14 +632,24 @@ where
         // counted again as a lookup).
         if let Some(l0) = &inner.l0 {
             match l0.lookup(key, &inner.stamps).await {
-                Some((value, true)) => return (fresh(value), None, None),
-                Some((value, false)) => stale = Some(value),
+                Some(hit) if hit.fresh => return (fresh(hit.value), None, None),
+                Some(hit) => stale = Some(hit.value),
                 None => {}
             }
         }
         match self.probe_detail(&[key], true).await.pop().flatten() {
-            Some((value, true)) => return (fresh(value), None, None),
-            Some((value, false)) => stale = Some(value),
+            Some(hit) if hit.fresh => {
+                if hit.refresh_due {
+                    // Served now; the refresh runs after, in this same background task.
+                    let loader: Loader<V> = Box::new(move || {
+                        Box::pin(async move { loader().await.map_err(Into::into) })
+                    });
+                    let refresh = ToCache::Refresh(loader);
+                    return (fresh(hit.value), Some(refresh), None);
+                }
+                return (fresh(hit.value), None, None);
+            }
+            Some(hit) => stale = Some(hit.value),
             None => {}
         }
         if let Some(value) = &stale {
@@ -931,12 +1057,17 @@ where
         let grace = inner.config.fail_safe.grace;
         if let Some(l0) = &inner.l0 {
             for (key, value, ttl, len) in inserts {
+                let eager = inner.config.eager_refresh;
+                let freshness = Freshness {
+                    fresh_for: ttl,
+                    refresh_in: (eager > 0.0).then(|| ttl.mul_f64(eager)),
+                };
                 l0.insert(
                     key,
                     value,
                     created_us,
                     &options.tags,
-                    ttl,
+                    freshness,
                     ttl + grace,
                     len,
                     &inner.stamps,
@@ -974,13 +1105,13 @@ where
         let found = self.probe_detail(keys, counted).await;
         found
             .into_iter()
-            .map(|f| f.and_then(|(value, fresh)| fresh.then_some(value)))
+            .map(|f| f.and_then(|hit| hit.fresh.then_some(hit.value)))
             .collect()
     }
 
     /// Like [`probe_shared`](Self::probe_shared), with stale values (past their TTL, within
     /// their grace) too, each with whether it is fresh.
-    async fn probe_detail(&self, keys: &[&str], counted: bool) -> Vec<Option<(Arc<V>, bool)>> {
+    async fn probe_detail(&self, keys: &[&str], counted: bool) -> Vec<Option<Hit<V>>> {
         let inner = &*self.inner;
         let Some(store) = &inner.store else {
             return vec![None; keys.len()];
@@ -1026,7 +1157,7 @@ where
         now_us: u64,
         clear_us: u64,
         counted: bool,
-    ) -> Option<(Arc<V>, bool)> {
+    ) -> Option<Hit<V>> {
         let inner = &*self.inner;
         let count_misses_through = |last: usize| {
             if !counted {
@@ -1084,22 +1215,26 @@ where
             inner.tally.shared(0).demotions.add(1);
         }
         let value = Arc::new(decoded.value);
+        let freshness = self.freshness(header.created_us, header.expires_us, now_us);
         if let Some(l0) = &inner.l0 {
-            let fresh_for = Duration::from_micros(header.expires_us.saturating_sub(now_us));
             let remaining = Duration::from_micros(kept_until_us - now_us);
             l0.insert(
                 key,
                 value.clone(),
                 header.created_us,
                 &header.tags,
-                fresh_for,
+                freshness,
                 remaining,
                 found.envelope.len(),
                 &inner.stamps,
             )
             .await;
         }
-        Some((value, fresh))
+        Some(Hit {
+            value,
+            fresh,
+            refresh_due: fresh && freshness.refresh_in.is_some_and(|d| d.is_zero()),
+        })
     }
 
     /// Counts and logs a store failure, and notes recovery.
