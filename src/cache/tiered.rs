@@ -507,9 +507,7 @@ where
         self.fill_l0(l0_inserts, self.store_clock_estimate(), cache_options)
             .await;
         guard.publish(outcome);
-        if let (Some(store), false) = (&inner.store, writes.is_empty()) {
-            let _ = self.track(store.backend(), store.write(writes).await);
-        }
+        self.write_shared(writes).await;
         // Other instances waiting on the lock find the value in the shared tiers.
         if let Some(lock) = lock {
             lock.release().await;
@@ -578,22 +576,14 @@ where
         }
         inner.tally.eager_refreshes.add(1);
         inner.tally.loader_calls.add(1);
-        let loaded = match inner.config.fail_safe.hard_timeout {
-            Some(limit) => match tokio::time::timeout(limit, loader()).await {
-                Ok(result) => result.map_err(|e| LoadFailure::Failed(e.into())),
-                Err(_) => Err(LoadFailure::TimedOut(limit)),
-            },
-            None => loader().await.map_err(|e| LoadFailure::Failed(e.into())),
-        };
+        let loaded = self.run_loader(loader()).await;
         match loaded {
             Ok(value) => {
                 let prepared = self.prepare_loaded(vec![(key, Arc::new(value))], options);
                 let (l0_inserts, writes) = self.split_writes(prepared);
                 self.fill_l0(l0_inserts, self.store_clock_estimate(), options)
                     .await;
-                if let (Some(store), false) = (&inner.store, writes.is_empty()) {
-                    let _ = self.track(store.backend(), store.write(writes).await);
-                }
+                self.write_shared(writes).await;
             }
             Err(failure) => {
                 inner.tally.loader_errors.add(1);
@@ -664,14 +654,7 @@ where
             }
         }
         inner.tally.loader_calls.add(1);
-        let hard_timeout = inner.config.fail_safe.hard_timeout;
-        let loaded: Result<V, LoadFailure> = match hard_timeout {
-            Some(limit) => match tokio::time::timeout(limit, loader()).await {
-                Ok(result) => result.map_err(|e| LoadFailure::Failed(e.into())),
-                Err(_) => Err(LoadFailure::TimedOut(limit)),
-            },
-            None => loader().await.map_err(|e| LoadFailure::Failed(e.into())),
-        };
+        let loaded = self.run_loader(loader()).await;
         match loaded {
             Ok(value) => {
                 let value = Arc::new(value);
@@ -814,15 +797,7 @@ where
         let inner = &*self.inner;
         let keys: Vec<String> = leads.iter().map(|(key, _)| key.clone()).collect();
         inner.tally.loader_calls.add(1);
-        let loaded = match inner.config.fail_safe.hard_timeout {
-            Some(limit) => match tokio::time::timeout(limit, loader(keys)).await {
-                Ok(result) => result.map_err(|e| LoadFailure::Failed(e.into())),
-                Err(_) => Err(LoadFailure::TimedOut(limit)),
-            },
-            None => loader(keys)
-                .await
-                .map_err(|e| LoadFailure::Failed(e.into())),
-        };
+        let loaded = self.run_loader(loader(keys)).await;
         let mut loaded = match loaded {
             Ok(loaded) => loaded,
             Err(failure) => {
@@ -856,9 +831,7 @@ where
             };
             guard.publish(outcome);
         }
-        if let (Some(store), false) = (&inner.store, writes.is_empty()) {
-            let _ = self.track(store.backend(), store.write(writes).await);
-        }
+        self.write_shared(writes).await;
     }
 
     /// Stores `value` under `key` in its home tier (removing copies elsewhere) and in L0.
@@ -1021,6 +994,28 @@ where
         };
         self.fill_l0(l0_inserts, created_us, options).await;
         result
+    }
+
+    /// Runs a loader's future under the hard timeout, if one is configured.
+    async fn run_loader<T, E: Into<BoxError>>(
+        &self,
+        load: impl Future<Output = std::result::Result<T, E>>,
+    ) -> std::result::Result<T, LoadFailure> {
+        match self.inner.config.fail_safe.hard_timeout {
+            Some(limit) => match tokio::time::timeout(limit, load).await {
+                Ok(result) => result.map_err(|e| LoadFailure::Failed(e.into())),
+                Err(_) => Err(LoadFailure::TimedOut(limit)),
+            },
+            None => load.await.map_err(|e| LoadFailure::Failed(e.into())),
+        }
+    }
+
+    /// Writes loaded values to the shared tiers; a failure is counted and logged (the callers
+    /// already have their values).
+    async fn write_shared(&self, writes: Vec<Write<'_>>) {
+        if let (Some(store), false) = (&self.inner.store, writes.is_empty()) {
+            let _ = self.track(store.backend(), store.write(writes).await);
+        }
     }
 
     /// Counts the bytes of prepared writes and splits them into L0 inserts and store writes.
