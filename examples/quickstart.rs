@@ -1,5 +1,5 @@
 //! The main flow with no services: a tiered cache on in-process tiers, with get_or_load,
-//! tags, promotion and stats.
+//! a stampede that causes one load, tags and stats.
 //!
 //! `cargo run --example quickstart`
 
@@ -49,6 +49,26 @@ async fn main() -> pupkit::Result<()> {
             started.elapsed()
         );
     }
+
+    // A stampede: 100 concurrent readers of a cold key share one load.
+    let readers: Vec<_> = (0..100)
+        .map(|_| {
+            let profiles = profiles.clone();
+            tokio::spawn(async move {
+                profiles
+                    .get_or_load("profile:7", &EntryOptions::new(), || load_profile("7"))
+                    .await
+            })
+        })
+        .collect();
+    for reader in readers {
+        reader.await.expect("reader task")?;
+    }
+    println!(
+        "100 concurrent readers of a cold key: {} loader calls in all so far ({} joined a load in flight)",
+        profiles.stats().loader_calls,
+        profiles.stats().coalesced_loads
+    );
 
     // A profile update invalidates everything tagged with the user: one timestamp, no scan.
     profiles.invalidate_tags(&["user:42"]).await?;
