@@ -47,8 +47,9 @@ pub(crate) struct L0Entry<V> {
     created_us: u64,
     /// The entry's tags; `None` for untagged entries, which skip tag checks.
     tags: Option<Arc<[String]>>,
-    /// Past this the value is stale: kept only as a fail-safe fallback.
-    fresh_until: Instant,
+    /// Past this the value is stale: kept only as a fail-safe fallback. `None` when it stays
+    /// fresh for as long as L0 keeps it, which spares the hit path a clock read.
+    fresh_until: Option<Instant>,
     /// Past this a `get_or_load` refreshes it in the background (eager refresh).
     refresh_at: Option<Instant>,
     ttl: Duration,
@@ -124,10 +125,17 @@ impl<V: Send + Sync + 'static> L0<V> {
             self.cache.invalidate(key).await;
             return None;
         }
+        if entry.fresh_until.is_none() && entry.refresh_at.is_none() {
+            return Some(Hit {
+                value: entry.value,
+                fresh: true,
+                refresh_due: false,
+            });
+        }
         let now = Instant::now();
         Some(Hit {
             value: entry.value,
-            fresh: now < entry.fresh_until,
+            fresh: entry.fresh_until.is_none_or(|until| now < until),
             refresh_due: entry.refresh_at.is_some_and(|at| now >= at),
         })
     }
@@ -160,7 +168,7 @@ impl<V: Send + Sync + 'static> L0<V> {
             value,
             created_us,
             tags: (!tags.is_empty()).then(|| Arc::from(tags)),
-            fresh_until: Instant::now() + fresh_for.min(ttl),
+            fresh_until: (fresh_for < ttl).then(|| Instant::now() + fresh_for),
             refresh_at: refresh_in.map(|after| Instant::now() + after),
             ttl,
             weight: u32::try_from(encoded_len + key.len() + 64).unwrap_or(u32::MAX),
