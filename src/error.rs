@@ -92,6 +92,35 @@ pub enum Error {
         retry_in: Duration,
     },
 
+    /// A statement failed in the database (or its connection broke).
+    #[error("postgres statement {statement:?} failed{}", code.as_deref().map(|c| format!(" (SQLSTATE {c})")).unwrap_or_default())]
+    Database {
+        /// The statement text (truncated if long); parameters are never included.
+        statement: String,
+        /// The SQLSTATE, when the database answered with an error.
+        code: Option<String>,
+        /// The statement was cancelled by `statement_timeout`.
+        timed_out: bool,
+        /// The driver's error.
+        #[source]
+        source: BoxError,
+    },
+
+    /// No pooled connection became free within the checkout timeout.
+    #[error(
+        "no postgres connection free within {after:?}: pool of {size} open (max {max_size}), {waiters} callers waiting"
+    )]
+    PoolExhausted {
+        /// The checkout timeout.
+        after: Duration,
+        /// Open connections.
+        size: u32,
+        /// The pool's maximum.
+        max_size: u32,
+        /// Callers waiting, this one included.
+        waiters: u64,
+    },
+
     /// The caller's loader failed; its error is the source.
     #[error("loader for key {key:?} failed")]
     Loader {
@@ -106,7 +135,15 @@ pub enum Error {
 impl Error {
     /// True when a backend call ran past its deadline.
     pub fn is_timeout(&self) -> bool {
-        matches!(self, Error::Timeout { .. })
+        matches!(
+            self,
+            Error::Timeout { .. }
+                | Error::PoolExhausted { .. }
+                | Error::Database {
+                    timed_out: true,
+                    ..
+                }
+        )
     }
 
     /// True when the caller's input was rejected (bad key, tag, option or oversized value).
@@ -121,7 +158,11 @@ impl Error {
     pub fn is_backend(&self) -> bool {
         matches!(
             self,
-            Error::Backend { .. } | Error::Timeout { .. } | Error::Unavailable { .. }
+            Error::Backend { .. }
+                | Error::Timeout { .. }
+                | Error::Unavailable { .. }
+                | Error::Database { .. }
+                | Error::PoolExhausted { .. }
         )
     }
 

@@ -67,8 +67,11 @@
 pub mod cache;
 pub mod codec;
 mod error;
+#[cfg_attr(not(any(feature = "redis", feature = "postgres")), allow(dead_code))]
+mod redact;
 #[cfg(feature = "redis")]
 pub mod redis;
+pub mod repo;
 pub mod resilience;
 mod serde_duration;
 

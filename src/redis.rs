@@ -11,6 +11,7 @@ use ::redis::{Cmd, FromRedisValue, Script, ScriptInvocation};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::redact::redact_url;
 use crate::resilience::{BreakerConfig, BreakerStats, CircuitBreaker};
 
 /// Where Redis is and how long to wait for it. `Debug` hides the password in the URL.
@@ -71,28 +72,6 @@ impl fmt::Debug for RedisConfig {
             .field("connect_timeout", &self.connect_timeout)
             .field("breaker", &self.breaker)
             .finish()
-    }
-}
-
-/// `url` with any password replaced by `***`.
-pub(crate) fn redact_url(url: &str) -> String {
-    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
-        return url.to_owned();
-    };
-    let rest = &url[scheme_end..];
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    match rest[..authority_end].rfind('@') {
-        Some(at) => {
-            let userinfo = &rest[..at];
-            let user = userinfo.split(':').next().unwrap_or("");
-            let shown = if userinfo.contains(':') {
-                format!("{user}:***")
-            } else {
-                "***".to_owned()
-            };
-            format!("{}{shown}{}", &url[..scheme_end], &rest[at..])
-        }
-        None => url.to_owned(),
     }
 }
 

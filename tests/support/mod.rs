@@ -186,3 +186,47 @@ pub mod redis {
         }
     }
 }
+
+/// `PUPKIT_DATABASE_URL`, or the local default.
+pub fn database_url() -> String {
+    std::env::var("PUPKIT_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+}
+
+#[cfg(feature = "postgres")]
+pub mod postgres {
+    use super::*;
+    use pupkit::repo::{PgConfig, PgPool};
+
+    /// A pool on the test database, its own schema created (named after `test`), or `None`
+    /// (after a loud skip) when Postgres is unreachable.
+    pub async fn pool(
+        test: &str,
+        configure: impl FnOnce(&mut PgConfig),
+    ) -> Option<(PgPool, String)> {
+        let mut config = PgConfig::new(database_url());
+        config.min_idle = 0;
+        config.max_size = 5;
+        config.application_name = unique_prefix(test);
+        configure(&mut config);
+        let pool = match PgPool::connect(&config).await {
+            Ok(pool) => pool,
+            Err(error) => {
+                unavailable("PostgreSQL", &format!("{error} at {}", database_url()));
+                return None;
+            }
+        };
+        let schema = unique_prefix(test).replace('-', "_");
+        pool.execute(&format!("CREATE SCHEMA {schema}"), &[])
+            .await
+            .expect("create the test schema");
+        Some((pool, schema))
+    }
+
+    /// Drops a test's schema.
+    pub async fn drop_schema(pool: &PgPool, schema: &str) {
+        pool.execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"), &[])
+            .await
+            .expect("drop the test schema");
+    }
+}

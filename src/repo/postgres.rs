@@ -1,0 +1,503 @@
+//! [`PgPool`]: the pool, on bb8 with our own connection manager (bb8-postgres discards
+//! connection errors and has no statement cache).
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bb8::{ErrorSink, ManageConnection, Pool, PooledConnection, RunError};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, NoTls, Row, Statement};
+
+use super::config::PgConfig;
+use super::status::{PoolStatus, SlowQuery};
+use crate::error::{Error, Result, excerpt};
+use crate::redact::redact_url;
+
+/// Why a new connection could not be made.
+#[derive(Debug)]
+enum ConnectError {
+    Postgres(tokio_postgres::Error),
+    TimedOut(Duration),
+}
+
+impl fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConnectError::Postgres(e) => fmt::Display::fmt(e, f),
+            ConnectError::TimedOut(after) => write!(f, "connecting took longer than {after:?}"),
+        }
+    }
+}
+
+impl std::error::Error for ConnectError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ConnectError::Postgres(e) => Some(e),
+            ConnectError::TimedOut(_) => None,
+        }
+    }
+}
+
+/// Prepared statements of one connection, least recently used evicted past `capacity`.
+struct StatementCache {
+    capacity: usize,
+    tick: u64,
+    entries: HashMap<String, (Statement, u64)>,
+}
+
+impl StatementCache {
+    fn new(capacity: usize) -> Self {
+        StatementCache {
+            capacity,
+            tick: 0,
+            entries: HashMap::new(),
+        }
+    }
+
+    fn get(&mut self, sql: &str) -> Option<Statement> {
+        self.tick += 1;
+        let tick = self.tick;
+        self.entries.get_mut(sql).map(|(statement, used)| {
+            *used = tick;
+            statement.clone()
+        })
+    }
+
+    fn insert(&mut self, sql: &str, statement: Statement) {
+        if self.entries.len() >= self.capacity
+            && let Some(oldest) = self
+                .entries
+                .iter()
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(k, _)| k.clone())
+        {
+            self.entries.remove(&oldest);
+        }
+        self.tick += 1;
+        self.entries.insert(sql.to_owned(), (statement, self.tick));
+    }
+
+    fn remove(&mut self, sql: &str) {
+        self.entries.remove(sql);
+    }
+}
+
+/// A pooled connection: the client, its statement cache, and whether a query saw it break.
+pub(crate) struct PgConnection {
+    client: Client,
+    statements: StatementCache,
+    broken: bool,
+}
+
+/// Makes and checks connections for bb8.
+struct PgManager {
+    config: tokio_postgres::Config,
+    connect_timeout: Duration,
+    validation_timeout: Duration,
+    statement_cache_size: usize,
+    broken: Arc<AtomicU64>,
+}
+
+impl ManageConnection for PgManager {
+    type Connection = PgConnection;
+    type Error = ConnectError;
+
+    async fn connect(&self) -> std::result::Result<PgConnection, ConnectError> {
+        // The deadline covers the whole setup: TCP, authentication and session settings.
+        let connecting = async {
+            let (client, connection) = self
+                .config
+                .connect(NoTls)
+                .await
+                .map_err(ConnectError::Postgres)?;
+            tokio::spawn(async move {
+                if let Err(error) = connection.await {
+                    tracing::warn!(error = %error, "postgres connection ended with an error");
+                }
+            });
+            Ok(PgConnection {
+                client,
+                statements: StatementCache::new(self.statement_cache_size),
+                broken: false,
+            })
+        };
+        tokio::time::timeout(self.connect_timeout, connecting)
+            .await
+            .unwrap_or(Err(ConnectError::TimedOut(self.connect_timeout)))
+    }
+
+    async fn is_valid(
+        &self,
+        connection: &mut PgConnection,
+    ) -> std::result::Result<(), ConnectError> {
+        match tokio::time::timeout(self.validation_timeout, connection.client.simple_query(""))
+            .await
+        {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(error)) => {
+                self.broken.fetch_add(1, Ordering::Relaxed);
+                Err(ConnectError::Postgres(error))
+            }
+            Err(_) => {
+                self.broken.fetch_add(1, Ordering::Relaxed);
+                Err(ConnectError::TimedOut(self.validation_timeout))
+            }
+        }
+    }
+
+    fn has_broken(&self, connection: &mut PgConnection) -> bool {
+        let broken = connection.broken || connection.client.is_closed();
+        if broken {
+            self.broken.fetch_add(1, Ordering::Relaxed);
+        }
+        broken
+    }
+}
+
+/// Logs the errors bb8 meets while making connections in the background.
+#[derive(Debug, Clone)]
+struct LogSink {
+    url: Arc<str>,
+}
+
+impl ErrorSink<ConnectError> for LogSink {
+    fn sink(&self, error: ConnectError) {
+        tracing::warn!(url = %self.url, error = %error, "could not open a postgres connection");
+    }
+
+    fn boxed_clone(&self) -> Box<dyn ErrorSink<ConnectError>> {
+        Box::new(self.clone())
+    }
+}
+
+/// A pool of Postgres connections with the report's settings (50 max, 10 idle, 3 s checkout,
+/// 30 s statement timeout, TCP keepalive), a statement cache per connection, and timing of
+/// every query. Cloning is cheap and shares the pool.
+///
+/// Queries take their parameters separately (`$1`, `$2`, ...), never interpolated into the
+/// statement. A statement that fails leaves its connection usable; a connection that breaks
+/// is dropped, never handed out again.
+#[derive(Clone)]
+pub struct PgPool {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: Pool<PgManager>,
+    config: PgConfig,
+    url: Arc<str>,
+    broken: Arc<AtomicU64>,
+    checkout_timeouts: AtomicU64,
+    waiting: AtomicU64,
+    /// When the number of waiting callers last rose from zero (ms since `started`); 0 when
+    /// nobody waits.
+    waiting_since_ms: AtomicU64,
+    started: Instant,
+    slow_count: AtomicU64,
+    slow_log: Mutex<VecDeque<SlowQuery>>,
+}
+
+impl fmt::Debug for PgPool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PgPool")
+            .field("url", &self.inner.url)
+            .field("status", &self.status())
+            .finish()
+    }
+}
+
+/// `run` answers a query with rows and an execute with a count; anything else is a bug here,
+/// reported as an error rather than a panic.
+fn unreachable_answer<T>(sql: &str) -> Result<T> {
+    Err(Error::invalid(
+        "statement",
+        format!("{:?} got an answer of the wrong kind", excerpt(sql)),
+    ))
+}
+
+/// Postgres' code for a statement cancelled by `statement_timeout` (or a cancel request).
+const QUERY_CANCELED: &str = "57014";
+/// Postgres' code for "cached plan must not change result type" after a schema change.
+const FEATURE_NOT_SUPPORTED: &str = "0A000";
+
+impl PgPool {
+    /// A pool that opens its connections in the background (`min_idle` of them), so a host
+    /// starts while Postgres is down. Must be called inside a Tokio runtime.
+    pub fn lazy(config: &PgConfig) -> Result<Self> {
+        config.validate()?;
+        let url: Arc<str> = redact_url(&config.url).into();
+        let mut pg: tokio_postgres::Config = config.url.parse().map_err(|_| {
+            Error::invalid(
+                "postgres url",
+                format!("{url:?} is not a valid Postgres URL"),
+            )
+        })?;
+        pg.connect_timeout(config.checkout_timeout)
+            .keepalives(true)
+            .keepalives_idle(config.keepalive_idle)
+            .keepalives_interval(config.keepalive_interval)
+            .keepalives_retries(config.keepalive_retries)
+            .application_name(&config.application_name)
+            .options(format!(
+                "-c statement_timeout={}",
+                config.statement_timeout.as_millis()
+            ));
+        let broken = Arc::new(AtomicU64::new(0));
+        let manager = PgManager {
+            config: pg,
+            connect_timeout: config.checkout_timeout,
+            validation_timeout: config.validation_timeout,
+            statement_cache_size: config.statement_cache_size,
+            broken: broken.clone(),
+        };
+        let pool = Pool::builder()
+            .max_size(config.max_size)
+            .min_idle(Some(config.min_idle))
+            .idle_timeout(Some(config.idle_timeout))
+            .reaper_rate(config.reaper_rate)
+            .connection_timeout(config.checkout_timeout)
+            .test_on_check_out(true)
+            .queue_strategy(bb8::QueueStrategy::Lifo)
+            .error_sink(Box::new(LogSink { url: url.clone() }))
+            .build_unchecked(manager);
+        Ok(PgPool {
+            inner: Arc::new(Inner {
+                pool,
+                config: config.clone(),
+                url,
+                broken,
+                checkout_timeouts: AtomicU64::new(0),
+                waiting: AtomicU64::new(0),
+                waiting_since_ms: AtomicU64::new(0),
+                started: Instant::now(),
+                slow_count: AtomicU64::new(0),
+                slow_log: Mutex::new(VecDeque::new()),
+            }),
+        })
+    }
+
+    /// Like [`lazy`](Self::lazy), then runs `SELECT 1` so that a wrong URL fails here.
+    pub async fn connect(config: &PgConfig) -> Result<Self> {
+        let pool = Self::lazy(config)?;
+        pool.execute("SELECT 1", &[]).await?;
+        Ok(pool)
+    }
+
+    /// The rows of `sql` with `params`.
+    pub async fn query(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {
+        let started = Instant::now();
+        let mut connection = self.checkout().await?;
+        let done = run(&mut connection, sql, Op::Query(params)).await;
+        self.record(sql, started);
+        match done? {
+            Done::Rows(rows) => Ok(rows),
+            Done::Changed(_) => unreachable_answer(sql),
+        }
+    }
+
+    /// The one row of `sql`; an error if there are none or several.
+    pub async fn query_one(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Row> {
+        let mut rows = self.query(sql, params).await?;
+        match rows.len() {
+            1 => Ok(rows.remove(0)),
+            n => Err(Error::invalid(
+                "query_one",
+                format!("{:?} returned {n} rows, not exactly one", excerpt(sql)),
+            )),
+        }
+    }
+
+    /// The row of `sql` if there is one; an error if there are several.
+    pub async fn query_opt(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<Row>> {
+        let mut rows = self.query(sql, params).await?;
+        match rows.len() {
+            0 => Ok(None),
+            1 => Ok(Some(rows.remove(0))),
+            n => Err(Error::invalid(
+                "query_opt",
+                format!("{:?} returned {n} rows, at most one expected", excerpt(sql)),
+            )),
+        }
+    }
+
+    /// Runs `sql` with `params`; the number of rows it changed.
+    pub async fn execute(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64> {
+        let started = Instant::now();
+        let mut connection = self.checkout().await?;
+        let done = run(&mut connection, sql, Op::Execute(params)).await;
+        self.record(sql, started);
+        match done? {
+            Done::Changed(changed) => Ok(changed),
+            Done::Rows(_) => unreachable_answer(sql),
+        }
+    }
+
+    /// A snapshot for health endpoints.
+    pub fn status(&self) -> PoolStatus {
+        let inner = &*self.inner;
+        let state = inner.pool.state();
+        let waiters = inner.waiting.load(Ordering::Relaxed);
+        let since = inner.waiting_since_ms.load(Ordering::Relaxed);
+        let now_ms = inner.started.elapsed().as_millis() as u64;
+        let saturated = waiters > 0
+            && since > 0
+            && now_ms.saturating_sub(since) >= inner.config.saturation_threshold.as_millis() as u64;
+        PoolStatus {
+            size: state.connections,
+            idle: state.idle_connections,
+            in_use: state.connections - state.idle_connections,
+            max_size: inner.config.max_size,
+            waiters,
+            checkout_timeouts: inner.checkout_timeouts.load(Ordering::Relaxed),
+            broken_connections: inner.broken.load(Ordering::Relaxed),
+            slow_queries: inner.slow_count.load(Ordering::Relaxed),
+            saturated,
+        }
+    }
+
+    /// The slowest recent queries, oldest first (bounded by `slow_query_log_size`).
+    pub fn slow_queries(&self) -> Vec<SlowQuery> {
+        let log = self
+            .inner
+            .slow_log
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        log.iter().cloned().collect()
+    }
+
+    /// A connection, within the checkout timeout; counts waiters for `status()`.
+    async fn checkout(&self) -> Result<PooledConnection<'_, PgManager>> {
+        let inner = &*self.inner;
+        if inner.waiting.fetch_add(1, Ordering::AcqRel) == 0 {
+            let now = inner.started.elapsed().as_millis() as u64;
+            inner.waiting_since_ms.store(now.max(1), Ordering::Relaxed);
+        }
+        let got = inner.pool.get().await;
+        if inner.waiting.fetch_sub(1, Ordering::AcqRel) == 1 {
+            inner.waiting_since_ms.store(0, Ordering::Relaxed);
+        }
+        match got {
+            Ok(connection) => Ok(connection),
+            Err(RunError::TimedOut) => {
+                inner.checkout_timeouts.fetch_add(1, Ordering::Relaxed);
+                let status = self.status();
+                Err(Error::PoolExhausted {
+                    after: inner.config.checkout_timeout,
+                    size: status.size,
+                    max_size: status.max_size,
+                    waiters: status.waiters + 1,
+                })
+            }
+            Err(RunError::User(error)) => Err(Error::Backend {
+                backend: "postgres",
+                operation: "connect",
+                source: Box::new(error),
+            }),
+        }
+    }
+
+    /// Times a query: metrics per statement, and the slow-query log.
+    fn record(&self, sql: &str, started: Instant) {
+        let elapsed = started.elapsed();
+        let statement = excerpt(sql);
+        metrics::histogram!("pupkit_db_query_seconds", "statement" => statement.clone())
+            .record(elapsed.as_secs_f64());
+        let inner = &*self.inner;
+        if elapsed >= inner.config.slow_query_threshold {
+            inner.slow_count.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(statement = %sql, elapsed_ms = elapsed.as_millis() as u64, "slow query");
+            let mut log = inner.slow_log.lock().unwrap_or_else(|e| e.into_inner());
+            if log.len() >= inner.config.slow_query_log_size {
+                log.pop_front();
+            }
+            log.push_back(SlowQuery {
+                statement: sql.to_owned(),
+                elapsed,
+                at_ms: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_millis() as u64)
+                    .unwrap_or(0),
+            });
+        }
+    }
+}
+
+/// What to do with a prepared statement.
+#[derive(Clone, Copy)]
+enum Op<'p> {
+    Query(&'p [&'p (dyn ToSql + Sync)]),
+    Execute(&'p [&'p (dyn ToSql + Sync)]),
+}
+
+/// What it gave.
+enum Done {
+    Rows(Vec<Row>),
+    Changed(u64),
+}
+
+/// Runs one statement on `connection` through its statement cache. If Postgres says a cached
+/// plan is no longer valid (the schema changed), the statement is prepared again and run once
+/// more. A connection that broke is marked, so the pool drops it.
+async fn run(connection: &mut PgConnection, sql: &str, op: Op<'_>) -> Result<Done> {
+    let mut retried = false;
+    loop {
+        let statement = match connection.statements.get(sql) {
+            Some(statement) => statement,
+            None => match connection.client.prepare(sql).await {
+                Ok(statement) => {
+                    connection.statements.insert(sql, statement.clone());
+                    statement
+                }
+                Err(error) => return Err(database_error(connection, sql, error)),
+            },
+        };
+        let result = match op {
+            Op::Query(params) => connection
+                .client
+                .query(&statement, params)
+                .await
+                .map(Done::Rows),
+            Op::Execute(params) => connection
+                .client
+                .execute(&statement, params)
+                .await
+                .map(Done::Changed),
+        };
+        match result {
+            Ok(done) => return Ok(done),
+            Err(error) if !retried && code(&error) == Some(FEATURE_NOT_SUPPORTED) => {
+                tracing::debug!(statement = %sql, "cached plan invalidated by a schema change; preparing again");
+                connection.statements.remove(sql);
+                retried = true;
+            }
+            Err(error) => return Err(database_error(connection, sql, error)),
+        }
+    }
+}
+
+/// The SQLSTATE of a database error.
+fn code(error: &tokio_postgres::Error) -> Option<&str> {
+    error.as_db_error().map(|db| db.code().code())
+}
+
+/// Our error for a failed statement; a failure that is not the database's answer (the
+/// connection broke) marks the connection so the pool drops it.
+fn database_error(connection: &mut PgConnection, sql: &str, error: tokio_postgres::Error) -> Error {
+    let code = code(&error).map(str::to_owned);
+    if code.is_none() || error.is_closed() {
+        connection.broken = true;
+    }
+    Error::Database {
+        statement: excerpt(sql),
+        timed_out: code.as_deref() == Some(QUERY_CANCELED),
+        code,
+        source: Box::new(error),
+    }
+}

@@ -1,0 +1,221 @@
+//! The Postgres pool against the real database: each test in its own schema and with its own
+//! application_name, so it can kill its own connections only.
+#![cfg(feature = "postgres")]
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::postgres::{drop_schema, pool};
+
+#[tokio::test]
+async fn queries_take_parameters_never_interpolated() {
+    let Some((pool, schema)) = pool("params", |_| {}).await else {
+        return;
+    };
+    pool.execute(
+        &format!("CREATE TABLE {schema}.messages (id int8 PRIMARY KEY, body text NOT NULL)"),
+        &[],
+    )
+    .await
+    .unwrap();
+    let hostile = "'); DROP TABLE messages; --";
+    let insert = format!("INSERT INTO {schema}.messages (id, body) VALUES ($1, $2)");
+    for (id, body) in [(1i64, "hello"), (2, hostile)] {
+        assert_eq!(pool.execute(&insert, &[&id, &body]).await.unwrap(), 1);
+    }
+    let select = format!("SELECT body FROM {schema}.messages WHERE id = $1");
+    let row = pool.query_one(&select, &[&2i64]).await.unwrap();
+    assert_eq!(
+        row.get::<_, String>(0),
+        hostile,
+        "stored verbatim, the table intact"
+    );
+    assert!(pool.query_opt(&select, &[&3i64]).await.unwrap().is_none());
+    let all = pool
+        .query(
+            &format!("SELECT id FROM {schema}.messages ORDER BY id"),
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 2);
+    let err = pool
+        .query_one(&format!("SELECT id FROM {schema}.messages"), &[])
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("returned 2 rows"), "{err}");
+    drop_schema(&pool, &schema).await;
+}
+
+#[tokio::test]
+async fn a_failing_statement_leaves_its_connection_usable() {
+    let Some((pool, schema)) = pool("failing", |c| c.max_size = 1).await else {
+        return;
+    };
+    let err = pool.execute("SELEC broken syntax", &[]).await.unwrap_err();
+    match &err {
+        pupkit::Error::Database {
+            code, statement, ..
+        } => {
+            assert_eq!(code.as_deref(), Some("42601"));
+            assert_eq!(statement, "SELEC broken syntax");
+        }
+        other => panic!("unexpected {other}"),
+    }
+    // The only connection serves the next statement.
+    let row = pool.query_one("SELECT 1::int4", &[]).await.unwrap();
+    assert_eq!(row.get::<_, i32>(0), 1);
+    assert_eq!(pool.status().broken_connections, 0);
+    drop_schema(&pool, &schema).await;
+}
+
+#[tokio::test]
+async fn a_schema_change_drops_the_cached_statement_and_retries() {
+    let Some((pool, schema)) = pool("plan", |c| c.max_size = 1).await else {
+        return;
+    };
+    pool.execute(&format!("CREATE TABLE {schema}.t (a int4)"), &[])
+        .await
+        .unwrap();
+    pool.execute(&format!("INSERT INTO {schema}.t VALUES (1)"), &[])
+        .await
+        .unwrap();
+    let select = format!("SELECT * FROM {schema}.t");
+    assert_eq!(pool.query_one(&select, &[]).await.unwrap().len(), 1);
+    pool.execute(
+        &format!("ALTER TABLE {schema}.t ADD COLUMN b int4 DEFAULT 2"),
+        &[],
+    )
+    .await
+    .unwrap();
+    let row = pool.query_one(&select, &[]).await.unwrap();
+    assert_eq!(
+        row.len(),
+        2,
+        "the statement was prepared again for the new columns"
+    );
+    assert_eq!(row.get::<_, i32>(1), 2);
+    drop_schema(&pool, &schema).await;
+}
+
+#[tokio::test]
+async fn statement_timeout_cancels_and_the_pool_goes_on() {
+    let Some((pool, schema)) = pool("stmt-timeout", |c| {
+        c.statement_timeout = Duration::from_millis(200)
+    })
+    .await
+    else {
+        return;
+    };
+    let err = pool.execute("SELECT pg_sleep(5)", &[]).await.unwrap_err();
+    assert!(err.is_timeout(), "{err}");
+    assert!(err.to_string().contains("57014"), "{err}");
+    for _ in 0..5 {
+        pool.execute("SELECT 1", &[]).await.unwrap();
+    }
+    drop_schema(&pool, &schema).await;
+}
+
+#[tokio::test]
+async fn an_exhausted_pool_times_out_with_its_size_and_waiters() {
+    let Some((pool, schema)) = pool("exhausted", |c| {
+        c.max_size = 1;
+        c.checkout_timeout = Duration::from_millis(300);
+    })
+    .await
+    else {
+        return;
+    };
+    let holder = {
+        let pool = pool.clone();
+        tokio::spawn(async move { pool.execute("SELECT pg_sleep(2)", &[]).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
+    let err = pool.execute("SELECT 1", &[]).await.unwrap_err();
+    assert!(
+        matches!(err, pupkit::Error::PoolExhausted { max_size: 1, .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("pool of 1 open (max 1)"), "{err}");
+    assert!(err.to_string().contains("callers waiting"), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "waited {:?}",
+        started.elapsed()
+    );
+    assert_eq!(pool.status().checkout_timeouts, 1);
+    holder.await.unwrap().unwrap();
+    drop_schema(&pool, &schema).await;
+}
+
+#[tokio::test]
+async fn killed_backends_are_never_handed_out_and_queries_go_on() {
+    let Some((pool, schema)) = pool("killed", |c| c.max_size = 3).await else {
+        return;
+    };
+    // Open three connections.
+    let busy: Vec<_> = (0..3)
+        .map(|_| {
+            let pool = pool.clone();
+            tokio::spawn(async move { pool.execute("SELECT pg_sleep(0.2)", &[]).await })
+        })
+        .collect();
+    for task in busy {
+        task.await.unwrap().unwrap();
+    }
+    assert_eq!(pool.status().size, 3);
+    // Terminate every backend of this pool (found by its own application_name).
+    let (killer, connection) =
+        tokio_postgres::connect(&support::database_url(), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    let app = killer
+        .query_one("SELECT application_name FROM pg_stat_activity WHERE application_name LIKE 'pkt-killed-%' LIMIT 1", &[])
+        .await
+        .unwrap()
+        .get::<_, String>(0);
+    let killed = killer
+        .query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+            &[&app],
+        )
+        .await
+        .unwrap();
+    assert_eq!(killed.len(), 3);
+    // Every later query succeeds: dead connections fail validation and are replaced.
+    for i in 0..10 {
+        let row = pool.query_one("SELECT $1::int4", &[&i]).await.unwrap();
+        assert_eq!(row.get::<_, i32>(0), i);
+    }
+    assert!(pool.status().broken_connections >= 1, "{:?}", pool.status());
+    drop_schema(&pool, &schema).await;
+}
+
+#[tokio::test]
+async fn slow_queries_are_logged_without_their_parameters() {
+    let Some((pool, schema)) = pool("slow", |c| {
+        c.slow_query_threshold = Duration::from_millis(50)
+    })
+    .await
+    else {
+        return;
+    };
+    pool.execute(
+        "SELECT pg_sleep($1::float8), $2::text",
+        &[&0.1f64, &"a secret value"],
+    )
+    .await
+    .unwrap();
+    pool.execute("SELECT 1", &[]).await.unwrap();
+    let status = pool.status();
+    assert_eq!(status.slow_queries, 1);
+    let log = pool.slow_queries();
+    assert_eq!(log.len(), 1);
+    assert_eq!(log[0].statement, "SELECT pg_sleep($1::float8), $2::text");
+    assert!(log[0].elapsed >= Duration::from_millis(50));
+    assert!(!format!("{log:?}").contains("a secret value"));
+    drop_schema(&pool, &schema).await;
+}
