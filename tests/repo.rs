@@ -219,3 +219,124 @@ async fn slow_queries_are_logged_without_their_parameters() {
     assert!(!format!("{log:?}").contains("a secret value"));
     drop_schema(&pool, &schema).await;
 }
+
+#[tokio::test]
+async fn transactions_commit_or_roll_back_as_a_whole() {
+    use pupkit::repo::TxOptions;
+    let Some((pool, schema)) = pool("tx", |_| {}).await else {
+        return;
+    };
+    pool.execute(
+        &format!("CREATE TABLE {schema}.accounts (id int8 PRIMARY KEY, cents int8 NOT NULL)"),
+        &[],
+    )
+    .await
+    .unwrap();
+    pool.execute(
+        &format!("INSERT INTO {schema}.accounts VALUES (1, 500), (2, 0)"),
+        &[],
+    )
+    .await
+    .unwrap();
+    let debit = format!("UPDATE {schema}.accounts SET cents = cents - $2 WHERE id = $1");
+    let credit = format!("UPDATE {schema}.accounts SET cents = cents + $2 WHERE id = $1");
+    let (d, c) = (debit.clone(), credit.clone());
+    pool.transaction(&TxOptions::default(), move |tx| {
+        let (d, c) = (d.clone(), c.clone());
+        Box::pin(async move {
+            tx.execute(&d, &[&1i64, &100i64]).await?;
+            tx.execute(&c, &[&2i64, &100i64]).await
+        })
+    })
+    .await
+    .unwrap();
+    // A failure half-way rolls the whole transaction back.
+    let (d, bad) = (
+        debit.clone(),
+        format!("UPDATE {schema}.no_such_table SET x = 1"),
+    );
+    let err = pool
+        .transaction(&TxOptions::default(), move |tx| {
+            let (d, bad) = (d.clone(), bad.clone());
+            Box::pin(async move {
+                tx.execute(&d, &[&1i64, &100i64]).await?;
+                tx.execute(&bad, &[]).await
+            })
+        })
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("42P01"), "{err}");
+    let balances: Vec<i64> = pool
+        .query(
+            &format!("SELECT cents FROM {schema}.accounts ORDER BY id"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(balances, [400, 100]);
+    // Read-only transactions refuse writes.
+    let mut options = TxOptions::default();
+    options.read_only = true;
+    let d = debit.clone();
+    let err = pool
+        .transaction(&options, move |tx| {
+            let d = d.clone();
+            Box::pin(async move { tx.execute(&d, &[&1i64, &1i64]).await })
+        })
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("25006"), "{err}");
+    drop_schema(&pool, &schema).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serialization_failures_are_retried_until_every_increment_lands() {
+    use pupkit::repo::{Isolation, TxOptions};
+    let Some((pool, schema)) = pool("serializable", |c| c.max_size = 8).await else {
+        return;
+    };
+    pool.execute(
+        &format!("CREATE TABLE {schema}.counter (id int4 PRIMARY KEY, n int8 NOT NULL)"),
+        &[],
+    )
+    .await
+    .unwrap();
+    pool.execute(&format!("INSERT INTO {schema}.counter VALUES (1, 0)"), &[])
+        .await
+        .unwrap();
+    let read = format!("SELECT n FROM {schema}.counter WHERE id = 1");
+    let write = format!("UPDATE {schema}.counter SET n = $1 WHERE id = 1");
+    let mut options = TxOptions::isolation(Isolation::Serializable);
+    options.retries = 50;
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let (pool, read, write, options) =
+                (pool.clone(), read.clone(), write.clone(), options.clone());
+            tokio::spawn(async move {
+                pool.transaction(&options, move |tx| {
+                    let (read, write) = (read.clone(), write.clone());
+                    Box::pin(async move {
+                        let n: i64 = tx.query_one(&read, &[]).await?.get(0);
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        tx.execute(&write, &[&(n + 1)]).await
+                    })
+                })
+                .await
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap().unwrap();
+    }
+    let n: i64 = pool.query_one(&read, &[]).await.unwrap().get(0);
+    assert_eq!(n, 8, "every increment landed, none lost");
+    assert!(
+        pool.status().transaction_retries >= 1,
+        "{:?}",
+        pool.status()
+    );
+    drop_schema(&pool, &schema).await;
+}

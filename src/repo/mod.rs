@@ -22,5 +22,5 @@ mod status;
 
 pub use config::PgConfig;
 #[cfg(feature = "postgres")]
-pub use postgres::PgPool;
+pub use postgres::{Isolation, PgPool, Tx, TxOptions};
 pub use status::{PoolStatus, SlowQuery};

@@ -198,6 +198,7 @@ struct Inner {
     started: Instant,
     slow_count: AtomicU64,
     slow_log: Mutex<VecDeque<SlowQuery>>,
+    transaction_retries: AtomicU64,
 }
 
 impl fmt::Debug for PgPool {
@@ -275,6 +276,7 @@ impl PgPool {
                 started: Instant::now(),
                 slow_count: AtomicU64::new(0),
                 slow_log: Mutex::new(VecDeque::new()),
+                transaction_retries: AtomicU64::new(0),
             }),
         })
     }
@@ -358,6 +360,7 @@ impl PgPool {
             checkout_timeouts: inner.checkout_timeouts.load(Ordering::Relaxed),
             broken_connections: inner.broken.load(Ordering::Relaxed),
             slow_queries: inner.slow_count.load(Ordering::Relaxed),
+            transaction_retries: inner.transaction_retries.load(Ordering::Relaxed),
             saturated,
         }
     }
@@ -499,5 +502,194 @@ fn database_error(connection: &mut PgConnection, sql: &str, error: tokio_postgre
         timed_out: code.as_deref() == Some(QUERY_CANCELED),
         code,
         source: Box::new(error),
+    }
+}
+
+/// Isolation level of a transaction.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Isolation {
+    /// Postgres' default.
+    #[default]
+    ReadCommitted,
+    /// Snapshot isolation.
+    RepeatableRead,
+    /// Full serializability; expect serialization failures, which
+    /// [`PgPool::transaction`] retries.
+    Serializable,
+}
+
+/// Options of a transaction.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct TxOptions {
+    /// Isolation level. Default read committed.
+    pub isolation: Isolation,
+    /// Refuse writes. Default false.
+    pub read_only: bool,
+    /// Times the whole transaction is run again after a serialization failure or deadlock
+    /// (SQLSTATE 40001, 40P01), with backoff. Default 3.
+    pub retries: u32,
+}
+
+impl Default for TxOptions {
+    fn default() -> Self {
+        TxOptions {
+            isolation: Isolation::ReadCommitted,
+            read_only: false,
+            retries: 3,
+        }
+    }
+}
+
+impl TxOptions {
+    /// Default options at `isolation`.
+    pub fn isolation(isolation: Isolation) -> Self {
+        TxOptions {
+            isolation,
+            ..TxOptions::default()
+        }
+    }
+}
+
+/// A transaction in progress, handed to the work of [`PgPool::transaction`]. It goes through
+/// the connection's statement cache; it is committed when the work succeeds and rolled back
+/// otherwise (also if the work's future is dropped).
+pub struct Tx<'a> {
+    transaction: tokio_postgres::Transaction<'a>,
+    statements: &'a mut StatementCache,
+}
+
+impl Tx<'_> {
+    async fn statement(&mut self, sql: &str) -> Result<Statement> {
+        if let Some(statement) = self.statements.get(sql) {
+            return Ok(statement);
+        }
+        let statement = self
+            .transaction
+            .prepare(sql)
+            .await
+            .map_err(|e| tx_error(sql, e))?;
+        self.statements.insert(sql, statement.clone());
+        Ok(statement)
+    }
+
+    /// The rows of `sql` with `params`.
+    pub async fn query(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {
+        let statement = self.statement(sql).await?;
+        self.transaction
+            .query(&statement, params)
+            .await
+            .map_err(|e| tx_error(sql, e))
+    }
+
+    /// The one row of `sql`; an error if there are none or several.
+    pub async fn query_one(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Row> {
+        let statement = self.statement(sql).await?;
+        self.transaction
+            .query_one(&statement, params)
+            .await
+            .map_err(|e| tx_error(sql, e))
+    }
+
+    /// Runs `sql` with `params`; the number of rows it changed.
+    pub async fn execute(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64> {
+        let statement = self.statement(sql).await?;
+        self.transaction
+            .execute(&statement, params)
+            .await
+            .map_err(|e| tx_error(sql, e))
+    }
+}
+
+fn tx_error(sql: &str, error: tokio_postgres::Error) -> Error {
+    let code = code(&error).map(str::to_owned);
+    Error::Database {
+        statement: excerpt(sql),
+        timed_out: code.as_deref() == Some(QUERY_CANCELED),
+        code,
+        source: Box::new(error),
+    }
+}
+
+/// Serialization failure and deadlock: the transaction may succeed if run again.
+fn retryable(error: &Error) -> bool {
+    matches!(error, Error::Database { code: Some(code), .. } if code == "40001" || code == "40P01")
+}
+
+impl PgPool {
+    /// Runs `work` in a transaction (tokio-postgres' builder, which rolls back on drop) and
+    /// commits it. A serialization failure or deadlock, in the work or at commit, runs the
+    /// whole transaction again after a backoff, up to `options.retries` times, so `work` must
+    /// be safe to run more than once.
+    ///
+    /// ```no_run
+    /// # async fn run(pool: pupkit::repo::PgPool) -> pupkit::Result<()> {
+    /// use pupkit::repo::{Isolation, TxOptions};
+    /// let moved = pool
+    ///     .transaction(&TxOptions::isolation(Isolation::Serializable), |tx| {
+    ///         Box::pin(async move {
+    ///             tx.execute("UPDATE accounts SET cents = cents - 100 WHERE id = $1", &[&1i64]).await?;
+    ///             tx.execute("UPDATE accounts SET cents = cents + 100 WHERE id = $1", &[&2i64]).await
+    ///         })
+    ///     })
+    ///     .await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn transaction<T, F>(&self, options: &TxOptions, mut work: F) -> Result<T>
+    where
+        F: for<'t> FnMut(&'t mut Tx<'_>) -> crate::cache::BoxFuture<'t, Result<T>>,
+    {
+        let mut attempt = 0;
+        loop {
+            let started = Instant::now();
+            let result = self.transaction_once(options, &mut work).await;
+            self.record("transaction", started);
+            match result {
+                Err(error) if retryable(&error) && attempt < options.retries => {
+                    attempt += 1;
+                    self.inner
+                        .transaction_retries
+                        .fetch_add(1, Ordering::Relaxed);
+                    let pause = Duration::from_millis(10 * (1 << attempt.min(6)));
+                    tracing::debug!(attempt, error = %error, "transaction conflict; running it again");
+                    tokio::time::sleep(pause).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn transaction_once<T, F>(&self, options: &TxOptions, work: &mut F) -> Result<T>
+    where
+        F: for<'t> FnMut(&'t mut Tx<'_>) -> crate::cache::BoxFuture<'t, Result<T>>,
+    {
+        let mut connection = self.checkout().await?;
+        let PgConnection {
+            client, statements, ..
+        } = &mut *connection;
+        let isolation = match options.isolation {
+            Isolation::ReadCommitted => tokio_postgres::IsolationLevel::ReadCommitted,
+            Isolation::RepeatableRead => tokio_postgres::IsolationLevel::RepeatableRead,
+            Isolation::Serializable => tokio_postgres::IsolationLevel::Serializable,
+        };
+        let transaction = client
+            .build_transaction()
+            .isolation_level(isolation)
+            .read_only(options.read_only)
+            .start()
+            .await
+            .map_err(|e| tx_error("BEGIN", e))?;
+        let mut tx = Tx {
+            transaction,
+            statements,
+        };
+        let value = work(&mut tx).await?;
+        tx.transaction
+            .commit()
+            .await
+            .map_err(|e| tx_error("COMMIT", e))?;
+        Ok(value)
     }
 }

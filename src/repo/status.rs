@@ -24,6 +24,8 @@ pub struct PoolStatus {
     pub broken_connections: u64,
     /// Queries slower than the slow-query threshold so far.
     pub slow_queries: u64,
+    /// Transactions run again after a serialization failure or deadlock.
+    pub transaction_retries: u64,
     /// Callers have been waiting for longer than the saturation threshold.
     pub saturated: bool,
 }
