@@ -340,3 +340,79 @@ async fn serialization_failures_are_retried_until_every_increment_lands() {
     );
     drop_schema(&pool, &schema).await;
 }
+
+#[tokio::test]
+async fn cached_repo_reads_through_the_cache_and_writes_invalidate_their_tags() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use pupkit::cache::{EntryOptions, Tiered, TieredConfig};
+    use pupkit::repo::{CachedRepo, PgPool, PooledRepo};
+
+    let Some((pool, schema)) = pool("cachedrepo", |_| {}).await else {
+        return;
+    };
+    pool.execute(
+        &format!("CREATE TABLE {schema}.messages (id int8 PRIMARY KEY, conv int8, body text)"),
+        &[],
+    )
+    .await
+    .unwrap();
+    pool.execute(
+        &format!("INSERT INTO {schema}.messages VALUES (1, 7, 'first')"),
+        &[],
+    )
+    .await
+    .unwrap();
+    let cache: Tiered<String> = Tiered::builder(TieredConfig::named("messages"))
+        .memory_tiers(1 << 20)
+        .build()
+        .unwrap();
+    let repo = CachedRepo::new(pool.clone(), cache);
+    let loads = Arc::new(AtomicUsize::new(0));
+    let read = |repo: &CachedRepo<PgPool, Tiered<String>>| {
+        let (loads, sql) = (
+            loads.clone(),
+            format!("SELECT body FROM {schema}.messages WHERE id = $1"),
+        );
+        let options = EntryOptions::new().tags(["conv:7"]);
+        let repo = repo.clone();
+        async move {
+            repo.read("message:1", &options, move |db: Arc<PgPool>| async move {
+                loads.fetch_add(1, Ordering::SeqCst);
+                let row = db.query_one(&sql, &[&1i64]).await?;
+                Ok(row.get::<_, String>(0))
+            })
+            .await
+            .unwrap()
+        }
+    };
+    assert_eq!(*read(&repo).await, "first");
+    assert_eq!(*read(&repo).await, "first");
+    assert_eq!(
+        loads.load(Ordering::SeqCst),
+        1,
+        "the second read was a cache hit"
+    );
+
+    let update = format!("UPDATE {schema}.messages SET body = $1 WHERE id = $2");
+    let changed = repo
+        .write(&["conv:7"], |db: Arc<PgPool>| async move {
+            db.execute(&update, &[&"edited", &1i64]).await
+        })
+        .await
+        .unwrap();
+    assert_eq!(changed, 1);
+    assert_eq!(
+        *read(&repo).await,
+        "edited",
+        "a read after a write never sees the old row"
+    );
+    assert_eq!(loads.load(Ordering::SeqCst), 2);
+
+    // The repository also works behind the dyn-compatible trait.
+    let dynamic: Arc<dyn PooledRepo> = Arc::new(pool.clone());
+    let row = dynamic.query_one("SELECT 2::int4", &[]).await.unwrap();
+    assert_eq!(row.get::<_, i32>(0), 2);
+    drop_schema(&pool, &schema).await;
+}

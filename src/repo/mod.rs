@@ -17,10 +17,14 @@
 
 mod config;
 #[cfg(feature = "postgres")]
+mod pooled;
+#[cfg(feature = "postgres")]
 mod postgres;
 mod status;
 
 pub use config::PgConfig;
+#[cfg(feature = "postgres")]
+pub use pooled::{CachedRepo, PooledRepo, TxWork};
 #[cfg(feature = "postgres")]
 pub use postgres::{Isolation, PgPool, Tx, TxOptions};
 pub use status::{PoolStatus, SlowQuery};
