@@ -38,6 +38,11 @@ pub struct PgConfig {
     /// `statement_timeout` of every session: Postgres cancels longer statements. Default 30 s.
     #[serde(with = "crate::serde_duration")]
     pub statement_timeout: Duration,
+    /// A connection idle longer than this is checked with a round trip before it is handed
+    /// out; one used more recently only for having closed (a check every checkout would
+    /// double the round trips of a busy pool). Default 1 s.
+    #[serde(with = "crate::serde_duration")]
+    pub validate_after_idle: Duration,
     /// Deadline of the check that a connection is alive before it is handed out. Default 1 s.
     #[serde(with = "crate::serde_duration")]
     pub validation_timeout: Duration,
@@ -73,6 +78,7 @@ impl Default for PgConfig {
             reaper_rate: Duration::from_secs(2),
             checkout_timeout: Duration::from_secs(3),
             statement_timeout: Duration::from_secs(30),
+            validate_after_idle: Duration::from_secs(1),
             validation_timeout: Duration::from_secs(1),
             keepalive_idle: Duration::from_secs(30),
             keepalive_interval: Duration::from_secs(10),

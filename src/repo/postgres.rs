@@ -90,6 +90,7 @@ pub(crate) struct PgConnection {
     client: Client,
     statements: StatementCache,
     broken: bool,
+    last_used: Instant,
 }
 
 /// Makes and checks connections for bb8.
@@ -97,6 +98,7 @@ struct PgManager {
     config: tokio_postgres::Config,
     connect_timeout: Duration,
     validation_timeout: Duration,
+    validate_after_idle: Duration,
     statement_cache_size: usize,
     broken: Arc<AtomicU64>,
 }
@@ -122,6 +124,7 @@ impl ManageConnection for PgManager {
                 client,
                 statements: StatementCache::new(self.statement_cache_size),
                 broken: false,
+                last_used: Instant::now(),
             })
         };
         tokio::time::timeout(self.connect_timeout, connecting)
@@ -133,6 +136,11 @@ impl ManageConnection for PgManager {
         &self,
         connection: &mut PgConnection,
     ) -> std::result::Result<(), ConnectError> {
+        if connection.last_used.elapsed() < self.validate_after_idle
+            && !connection.client.is_closed()
+        {
+            return Ok(());
+        }
         match tokio::time::timeout(self.validation_timeout, connection.client.simple_query(""))
             .await
         {
@@ -251,6 +259,7 @@ impl PgPool {
             config: pg,
             connect_timeout: config.checkout_timeout,
             validation_timeout: config.validation_timeout,
+            validate_after_idle: config.validate_after_idle,
             statement_cache_size: config.statement_cache_size,
             broken: broken.clone(),
         };
@@ -291,8 +300,7 @@ impl PgPool {
     /// The rows of `sql` with `params`.
     pub async fn query(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {
         let started = Instant::now();
-        let mut connection = self.checkout().await?;
-        let done = run(&mut connection, sql, Op::Query(params)).await;
+        let done = self.run_on_a_live_connection(sql, Op::Query(params)).await;
         self.record(sql, started);
         match done? {
             Done::Rows(rows) => Ok(rows),
@@ -332,12 +340,34 @@ impl PgPool {
     /// Runs `sql` with `params`; the number of rows it changed.
     pub async fn execute(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64> {
         let started = Instant::now();
-        let mut connection = self.checkout().await?;
-        let done = run(&mut connection, sql, Op::Execute(params)).await;
+        let done = self
+            .run_on_a_live_connection(sql, Op::Execute(params))
+            .await;
         self.record(sql, started);
         match done? {
             Done::Changed(changed) => Ok(changed),
             Done::Rows(_) => unreachable_answer(sql),
+        }
+    }
+
+    /// Runs a statement on a pooled connection. If that connection turns out to be lost (a
+    /// killed backend not yet noticed), the statement did not commit, so it runs again on
+    /// another connection; each lost one is dropped, so this ends within the pool's size.
+    async fn run_on_a_live_connection(&self, sql: &str, op: Op<'_>) -> Result<Done> {
+        let mut lost = 0;
+        loop {
+            let mut connection = self.checkout().await?;
+            match run(&mut connection, sql, op).await {
+                Err(error)
+                    if connection.broken
+                        && lost_connection(&error)
+                        && lost < self.inner.config.max_size =>
+                {
+                    lost += 1;
+                    tracing::debug!(statement = %sql, error = %error, "connection lost before the statement committed; running it on another");
+                }
+                done => return done,
+            }
         }
     }
 
@@ -473,6 +503,7 @@ async fn run(connection: &mut PgConnection, sql: &str, op: Op<'_>) -> Result<Don
                 .await
                 .map(Done::Changed),
         };
+        connection.last_used = Instant::now();
         match result {
             Ok(done) => return Ok(done),
             Err(error) if !retried && code(&error) == Some(FEATURE_NOT_SUPPORTED) => {
@@ -485,6 +516,19 @@ async fn run(connection: &mut PgConnection, sql: &str, op: Op<'_>) -> Result<Don
     }
 }
 
+/// The connection, not the statement, failed: no answer at all, a closed connection, or the
+/// backend terminated (57P01 and the rest of class 57P) or the connection lost (class 08). The
+/// statement did not commit, so running it again on another connection is safe.
+fn lost_connection(error: &Error) -> bool {
+    match error {
+        Error::Database { code: None, .. } => true,
+        Error::Database {
+            code: Some(code), ..
+        } => code.starts_with("57P") || code.starts_with("08"),
+        _ => false,
+    }
+}
+
 /// The SQLSTATE of a database error.
 fn code(error: &tokio_postgres::Error) -> Option<&str> {
     error.as_db_error().map(|db| db.code().code())
@@ -494,7 +538,10 @@ fn code(error: &tokio_postgres::Error) -> Option<&str> {
 /// connection broke) marks the connection so the pool drops it.
 fn database_error(connection: &mut PgConnection, sql: &str, error: tokio_postgres::Error) -> Error {
     let code = code(&error).map(str::to_owned);
-    if code.is_none() || error.is_closed() {
+    let fatal = code
+        .as_deref()
+        .is_some_and(|c| c.starts_with("57P") || c.starts_with("08"));
+    if code.is_none() || fatal || error.is_closed() {
         connection.broken = true;
     }
     Error::Database {
