@@ -416,3 +416,79 @@ async fn cached_repo_reads_through_the_cache_and_writes_invalidate_their_tags() 
     assert_eq!(row.get::<_, i32>(0), 2);
     drop_schema(&pool, &schema).await;
 }
+
+#[tokio::test]
+async fn reads_go_to_the_replica_and_a_unit_that_wrote_reads_the_primary() {
+    // The "replica" is the same database under another application_name, which tells the
+    // sessions apart.
+    let Some((pool, schema)) =
+        pool("replica", |c| c.replica_url = Some(support::database_url())).await
+    else {
+        return;
+    };
+    let whoami = "SELECT current_setting('application_name')";
+    let primary_name: String = {
+        let mut unit = pool.unit_of_work();
+        unit.execute("SELECT 1", &[]).await.unwrap();
+        unit.query_one(whoami, &[]).await.unwrap().get(0)
+    };
+    let read_name: String = pool.query_one(whoami, &[]).await.unwrap().get(0);
+    assert_eq!(
+        read_name,
+        format!("{primary_name}-replica"),
+        "plain reads use the replica"
+    );
+    let mut unit = pool.unit_of_work();
+    let before: String = unit.query_one(whoami, &[]).await.unwrap().get(0);
+    assert!(before.ends_with("-replica"));
+    unit.execute(&format!("CREATE TABLE {schema}.t (a int4)"), &[])
+        .await
+        .unwrap();
+    let after: String = unit.query_one(whoami, &[]).await.unwrap().get(0);
+    assert_eq!(
+        after, primary_name,
+        "after its write the unit reads the primary"
+    );
+    assert!(pool.status().replica_size.is_some_and(|n| n >= 1));
+    drop_schema(&pool, &schema).await;
+}
+
+#[tokio::test]
+async fn status_reports_saturation_once_callers_wait_past_the_threshold() {
+    let Some((pool, schema)) = pool("saturated", |c| {
+        c.max_size = 1;
+        c.saturation_threshold = Duration::from_millis(100);
+    })
+    .await
+    else {
+        return;
+    };
+    assert!(!pool.status().saturated);
+    let holder = {
+        let pool = pool.clone();
+        tokio::spawn(async move { pool.execute("SELECT pg_sleep(1)", &[]).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let waiter = {
+        let pool = pool.clone();
+        tokio::spawn(async move { pool.execute("SELECT 1", &[]).await })
+    };
+    let mut saturated = false;
+    for _ in 0..200 {
+        let status = pool.status();
+        if status.saturated {
+            assert!(status.waiters >= 1);
+            saturated = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(saturated, "never reported saturated: {:?}", pool.status());
+    holder.await.unwrap().unwrap();
+    waiter.await.unwrap().unwrap();
+    assert!(
+        !pool.status().saturated,
+        "no longer saturated once nobody waits"
+    );
+    drop_schema(&pool, &schema).await;
+}

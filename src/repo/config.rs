@@ -17,6 +17,10 @@ pub struct PgConfig {
     /// `postgres://postgres@127.0.0.1:5432/test`, or `PUPKIT_DATABASE_URL` (see
     /// [`PgConfig::from_env`]).
     pub url: String,
+    /// A read replica: when set, `query`, `query_one` and `query_opt` read from a second pool
+    /// of the same size there, while writes and transactions go to the primary (and a
+    /// [`UnitOfWork`](super::UnitOfWork) that has written reads from the primary). Default none.
+    pub replica_url: Option<String>,
     /// The `application_name` of every session, shown in `pg_stat_activity`. Default
     /// `"pupkit"`.
     pub application_name: String,
@@ -71,6 +75,7 @@ impl Default for PgConfig {
     fn default() -> Self {
         PgConfig {
             url: "postgres://postgres@127.0.0.1:5432/test".to_owned(),
+            replica_url: None,
             application_name: "pupkit".to_owned(),
             max_size: 50,
             min_idle: 10,
@@ -143,6 +148,7 @@ impl fmt::Debug for PgConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PgConfig")
             .field("url", &redact_url(&self.url))
+            .field("replica_url", &self.replica_url.as_deref().map(redact_url))
             .field("max_size", &self.max_size)
             .field("min_idle", &self.min_idle)
             .field("idle_timeout", &self.idle_timeout)

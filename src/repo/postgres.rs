@@ -195,6 +195,7 @@ pub struct PgPool {
 
 struct Inner {
     pool: Pool<PgManager>,
+    replica: Option<Pool<PgManager>>,
     config: PgConfig,
     url: Arc<str>,
     broken: Arc<AtomicU64>,
@@ -218,6 +219,123 @@ impl fmt::Debug for PgPool {
     }
 }
 
+/// The one row of `rows`, or an error saying how many there were.
+fn exactly_one(sql: &str, mut rows: Vec<Row>) -> Result<Row> {
+    match rows.len() {
+        1 => Ok(rows.remove(0)),
+        n => Err(Error::invalid(
+            "query_one",
+            format!("{:?} returned {n} rows, not exactly one", excerpt(sql)),
+        )),
+    }
+}
+
+/// The row of `rows` if there is one, or an error if there are several.
+fn at_most_one(sql: &str, mut rows: Vec<Row>) -> Result<Option<Row>> {
+    match rows.len() {
+        0 => Ok(None),
+        1 => Ok(Some(rows.remove(0))),
+        n => Err(Error::invalid(
+            "query_opt",
+            format!("{:?} returned {n} rows, at most one expected", excerpt(sql)),
+        )),
+    }
+}
+
+/// Statements that read their own writes: from the replica until the first write, from the
+/// primary after. Made by [`PgPool::unit_of_work`].
+pub struct UnitOfWork {
+    pool: PgPool,
+    wrote: bool,
+}
+
+impl UnitOfWork {
+    fn read_target(&self) -> Target {
+        if self.wrote {
+            Target::Primary
+        } else {
+            Target::Replica
+        }
+    }
+
+    /// The rows of `sql`.
+    pub async fn query(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {
+        self.pool.query_on(self.read_target(), sql, params).await
+    }
+
+    /// The one row of `sql`.
+    pub async fn query_one(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Row> {
+        exactly_one(sql, self.query(sql, params).await?)
+    }
+
+    /// The row of `sql` if there is one.
+    pub async fn query_opt(
+        &mut self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<Row>> {
+        at_most_one(sql, self.query(sql, params).await?)
+    }
+
+    /// Runs `sql` on the primary; later reads of this unit go to the primary too.
+    pub async fn execute(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64> {
+        self.wrote = true;
+        self.pool.execute(sql, params).await
+    }
+}
+
+/// Which pool a statement goes to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Target {
+    Primary,
+    /// The replica if there is one, else the primary.
+    Replica,
+}
+
+/// One bb8 pool of connections to `url`, with `config`'s settings.
+fn build_pool(
+    config: &PgConfig,
+    url: &str,
+    application_name: &str,
+    broken: &Arc<AtomicU64>,
+) -> Result<Pool<PgManager>> {
+    let redacted: Arc<str> = redact_url(url).into();
+    let mut pg: tokio_postgres::Config = url.parse().map_err(|_| {
+        Error::invalid(
+            "postgres url",
+            format!("{redacted:?} is not a valid Postgres URL"),
+        )
+    })?;
+    pg.connect_timeout(config.checkout_timeout)
+        .keepalives(true)
+        .keepalives_idle(config.keepalive_idle)
+        .keepalives_interval(config.keepalive_interval)
+        .keepalives_retries(config.keepalive_retries)
+        .application_name(application_name)
+        .options(format!(
+            "-c statement_timeout={}",
+            config.statement_timeout.as_millis()
+        ));
+    let manager = PgManager {
+        config: pg,
+        connect_timeout: config.checkout_timeout,
+        validation_timeout: config.validation_timeout,
+        validate_after_idle: config.validate_after_idle,
+        statement_cache_size: config.statement_cache_size,
+        broken: broken.clone(),
+    };
+    Ok(Pool::builder()
+        .max_size(config.max_size)
+        .min_idle(Some(config.min_idle))
+        .idle_timeout(Some(config.idle_timeout))
+        .reaper_rate(config.reaper_rate)
+        .connection_timeout(config.checkout_timeout)
+        .test_on_check_out(true)
+        .queue_strategy(bb8::QueueStrategy::Lifo)
+        .error_sink(Box::new(LogSink { url: redacted }))
+        .build_unchecked(manager))
+}
+
 /// `run` answers a query with rows and an execute with a count; anything else is a bug here,
 /// reported as an error rather than a panic.
 fn unreachable_answer<T>(sql: &str) -> Result<T> {
@@ -238,44 +356,19 @@ impl PgPool {
     pub fn lazy(config: &PgConfig) -> Result<Self> {
         config.validate()?;
         let url: Arc<str> = redact_url(&config.url).into();
-        let mut pg: tokio_postgres::Config = config.url.parse().map_err(|_| {
-            Error::invalid(
-                "postgres url",
-                format!("{url:?} is not a valid Postgres URL"),
-            )
-        })?;
-        pg.connect_timeout(config.checkout_timeout)
-            .keepalives(true)
-            .keepalives_idle(config.keepalive_idle)
-            .keepalives_interval(config.keepalive_interval)
-            .keepalives_retries(config.keepalive_retries)
-            .application_name(&config.application_name)
-            .options(format!(
-                "-c statement_timeout={}",
-                config.statement_timeout.as_millis()
-            ));
         let broken = Arc::new(AtomicU64::new(0));
-        let manager = PgManager {
-            config: pg,
-            connect_timeout: config.checkout_timeout,
-            validation_timeout: config.validation_timeout,
-            validate_after_idle: config.validate_after_idle,
-            statement_cache_size: config.statement_cache_size,
-            broken: broken.clone(),
+        let pool = build_pool(config, &config.url, &config.application_name, &broken)?;
+        let replica = match &config.replica_url {
+            Some(replica_url) => {
+                let name = format!("{}-replica", config.application_name);
+                Some(build_pool(config, replica_url, &name, &broken)?)
+            }
+            None => None,
         };
-        let pool = Pool::builder()
-            .max_size(config.max_size)
-            .min_idle(Some(config.min_idle))
-            .idle_timeout(Some(config.idle_timeout))
-            .reaper_rate(config.reaper_rate)
-            .connection_timeout(config.checkout_timeout)
-            .test_on_check_out(true)
-            .queue_strategy(bb8::QueueStrategy::Lifo)
-            .error_sink(Box::new(LogSink { url: url.clone() }))
-            .build_unchecked(manager);
         Ok(PgPool {
             inner: Arc::new(Inner {
                 pool,
+                replica,
                 config: config.clone(),
                 url,
                 broken,
@@ -297,10 +390,21 @@ impl PgPool {
         Ok(pool)
     }
 
-    /// The rows of `sql` with `params`.
+    /// The rows of `sql` with `params` (from the replica, if there is one).
     pub async fn query(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {
+        self.query_on(Target::Replica, sql, params).await
+    }
+
+    async fn query_on(
+        &self,
+        target: Target,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>> {
         let started = Instant::now();
-        let done = self.run_on_a_live_connection(sql, Op::Query(params)).await;
+        let done = self
+            .run_on_a_live_connection(target, sql, Op::Query(params))
+            .await;
         self.record(sql, started);
         match done? {
             Done::Rows(rows) => Ok(rows),
@@ -310,14 +414,7 @@ impl PgPool {
 
     /// The one row of `sql`; an error if there are none or several.
     pub async fn query_one(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Row> {
-        let mut rows = self.query(sql, params).await?;
-        match rows.len() {
-            1 => Ok(rows.remove(0)),
-            n => Err(Error::invalid(
-                "query_one",
-                format!("{:?} returned {n} rows, not exactly one", excerpt(sql)),
-            )),
-        }
+        exactly_one(sql, self.query(sql, params).await?)
     }
 
     /// The row of `sql` if there is one; an error if there are several.
@@ -326,14 +423,15 @@ impl PgPool {
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Option<Row>> {
-        let mut rows = self.query(sql, params).await?;
-        match rows.len() {
-            0 => Ok(None),
-            1 => Ok(Some(rows.remove(0))),
-            n => Err(Error::invalid(
-                "query_opt",
-                format!("{:?} returned {n} rows, at most one expected", excerpt(sql)),
-            )),
+        at_most_one(sql, self.query(sql, params).await?)
+    }
+
+    /// A unit of work: it reads from the replica (if there is one) until it writes, and from
+    /// the primary after, so it always reads its own writes.
+    pub fn unit_of_work(&self) -> UnitOfWork {
+        UnitOfWork {
+            pool: self.clone(),
+            wrote: false,
         }
     }
 
@@ -341,7 +439,7 @@ impl PgPool {
     pub async fn execute(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64> {
         let started = Instant::now();
         let done = self
-            .run_on_a_live_connection(sql, Op::Execute(params))
+            .run_on_a_live_connection(Target::Primary, sql, Op::Execute(params))
             .await;
         self.record(sql, started);
         match done? {
@@ -353,10 +451,15 @@ impl PgPool {
     /// Runs a statement on a pooled connection. If that connection turns out to be lost (a
     /// killed backend not yet noticed), the statement did not commit, so it runs again on
     /// another connection; each lost one is dropped, so this ends within the pool's size.
-    async fn run_on_a_live_connection(&self, sql: &str, op: Op<'_>) -> Result<Done> {
+    async fn run_on_a_live_connection(
+        &self,
+        target: Target,
+        sql: &str,
+        op: Op<'_>,
+    ) -> Result<Done> {
         let mut lost = 0;
         loop {
-            let mut connection = self.checkout().await?;
+            let mut connection = self.checkout(target).await?;
             match run(&mut connection, sql, op).await {
                 Err(error)
                     if connection.broken
@@ -391,6 +494,7 @@ impl PgPool {
             broken_connections: inner.broken.load(Ordering::Relaxed),
             slow_queries: inner.slow_count.load(Ordering::Relaxed),
             transaction_retries: inner.transaction_retries.load(Ordering::Relaxed),
+            replica_size: inner.replica.as_ref().map(|r| r.state().connections),
             saturated,
         }
     }
@@ -406,13 +510,17 @@ impl PgPool {
     }
 
     /// A connection, within the checkout timeout; counts waiters for `status()`.
-    async fn checkout(&self) -> Result<PooledConnection<'_, PgManager>> {
+    async fn checkout(&self, target: Target) -> Result<PooledConnection<'_, PgManager>> {
         let inner = &*self.inner;
+        let pool = match (target, &inner.replica) {
+            (Target::Replica, Some(replica)) => replica,
+            _ => &inner.pool,
+        };
         if inner.waiting.fetch_add(1, Ordering::AcqRel) == 0 {
             let now = inner.started.elapsed().as_millis() as u64;
             inner.waiting_since_ms.store(now.max(1), Ordering::Relaxed);
         }
-        let got = inner.pool.get().await;
+        let got = pool.get().await;
         if inner.waiting.fetch_sub(1, Ordering::AcqRel) == 1 {
             inner.waiting_since_ms.store(0, Ordering::Relaxed);
         }
@@ -712,7 +820,7 @@ impl PgPool {
     where
         F: for<'t> FnMut(&'t mut Tx<'_>) -> crate::cache::BoxFuture<'t, Result<T>>,
     {
-        let mut connection = self.checkout().await?;
+        let mut connection = self.checkout(Target::Primary).await?;
         let PgConnection {
             client, statements, ..
         } = &mut *connection;

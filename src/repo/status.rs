@@ -26,6 +26,8 @@ pub struct PoolStatus {
     pub slow_queries: u64,
     /// Transactions run again after a serialization failure or deadlock.
     pub transaction_retries: u64,
+    /// Open connections to the read replica, if there is one.
+    pub replica_size: Option<u32>,
     /// Callers have been waiting for longer than the saturation threshold.
     pub saturated: bool,
 }
