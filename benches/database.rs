@@ -172,6 +172,44 @@ fn cached_repo_hit(c: &mut Criterion, rt: &Runtime, pool: &PgPool) {
     group.finish();
 }
 
+/// Pool checkout latency, p50 and p99, with `tasks` tasks each taking and returning a
+/// connection 200 times (the default pool: 50 connections at most); printed if `print`.
+fn checkout_latency(rt: &Runtime, pool: &PgPool, tasks: usize, print: bool) {
+    let mut latencies: Vec<Duration> = rt.block_on(async {
+        let workers: Vec<_> = (0..tasks)
+            .map(|_| {
+                let pool = pool.clone();
+                tokio::spawn(async move {
+                    let mut seen = Vec::with_capacity(200);
+                    for _ in 0..200 {
+                        let started = Instant::now();
+                        let connection = pool.connection().await.unwrap();
+                        seen.push(started.elapsed());
+                        // Hold it as a short query would.
+                        tokio::task::yield_now().await;
+                        drop(connection);
+                    }
+                    seen
+                })
+            })
+            .collect();
+        let mut all = Vec::new();
+        for worker in workers {
+            all.extend(worker.await.unwrap());
+        }
+        all
+    });
+    latencies.sort();
+    let at = |q: f64| latencies[((latencies.len() - 1) as f64 * q) as usize];
+    if print {
+        println!(
+            "pool checkout under {tasks} tasks: p50 {:?}, p99 {:?}",
+            at(0.5),
+            at(0.99)
+        );
+    }
+}
+
 fn mean_ns(group: &str, function: &str) -> Option<f64> {
     let text = std::fs::read_to_string(format!(
         "target/criterion/{group}/{function}/new/estimates.json"
@@ -243,6 +281,10 @@ fn main() {
     pk_select(&mut criterion, &rt, &pool);
     connect_per_query(&mut criterion, &rt, &pool);
     cached_repo_hit(&mut criterion, &rt, &pool);
+    // The first pass opens the pool's connections; the next ones measure checkouts.
+    checkout_latency(&rt, &pool, 100, false);
+    checkout_latency(&rt, &pool, 10, true);
+    checkout_latency(&rt, &pool, 100, true);
     teardown(&rt, &pool);
     criterion.final_summary();
     print_ratios(started);

@@ -26,5 +26,5 @@ pub use config::PgConfig;
 #[cfg(feature = "postgres")]
 pub use pooled::{CachedRepo, PooledRepo, TxWork};
 #[cfg(feature = "postgres")]
-pub use postgres::{Isolation, PgPool, Tx, TxOptions, UnitOfWork};
+pub use postgres::{Isolation, PgConnectionGuard, PgPool, Tx, TxOptions, UnitOfWork};
 pub use status::{PoolStatus, SlowQuery};

@@ -219,6 +219,19 @@ impl fmt::Debug for PgPool {
     }
 }
 
+/// A connection checked out of a [`PgPool`] by [`PgPool::connection`].
+pub struct PgConnectionGuard<'a> {
+    connection: PooledConnection<'a, PgManager>,
+}
+
+impl std::ops::Deref for PgConnectionGuard<'_> {
+    type Target = Client;
+
+    fn deref(&self) -> &Client {
+        &self.connection.client
+    }
+}
+
 /// The one row of `rows`, or an error saying how many there were.
 fn exactly_one(sql: &str, mut rows: Vec<Row>) -> Result<Row> {
     match rows.len() {
@@ -424,6 +437,15 @@ impl PgPool {
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Option<Row>> {
         at_most_one(sql, self.query(sql, params).await?)
+    }
+
+    /// A connection of the primary for work the pool's methods do not cover (`LISTEN`, `COPY`,
+    /// a long session): it dereferences to the tokio-postgres `Client` and returns to the
+    /// pool when dropped. Waits at most the checkout timeout.
+    pub async fn connection(&self) -> Result<PgConnectionGuard<'_>> {
+        Ok(PgConnectionGuard {
+            connection: self.checkout(Target::Primary).await?,
+        })
     }
 
     /// A unit of work: it reads from the replica (if there is one) until it writes, and from
