@@ -8,6 +8,7 @@
 //! | [`cache`] | [`TieredCache`](cache::TieredCache): an in-process L0 (moka) in front of Redis hot/warm/cold tiers, one round trip per read, tag invalidation by timestamp, lz4 compression, promotion of hot entries |
 //! | [`codec`] | the versioned envelope every cached value is stored in |
 //! | `redis` | [`RedisConnection`](crate::redis::RedisConnection): one shared multiplexed connection with a deadline on every operation and a circuit breaker (feature `redis`) |
+//! | [`repo`] | [`PgPool`](repo::PgPool): pooled Postgres (bb8 + tokio-postgres) with a statement cache, slow-query log, transactions with retries, a read replica; [`CachedRepo`](repo::CachedRepo) over the tiered cache (feature `postgres`) |
 //! | [`resilience`] | [`CircuitBreaker`](resilience::CircuitBreaker), shared by every backend |
 //!
 //! ## Quick start
@@ -50,6 +51,7 @@
 //! | feature | enables |
 //! |---|---|
 //! | `redis` | Redis shared tiers ([`cache::RedisTiers`]) and [`redis::RedisConnection`] |
+//! | `postgres` | [`repo::PgPool`], [`repo::PooledRepo`], [`repo::CachedRepo`] |
 //! | `full` | every backend |
 //!
 //! Traits and configuration types compile without any feature. The MSRV is 1.88.

@@ -570,7 +570,8 @@ impl PgPool {
     fn record(&self, sql: &str, started: Instant) {
         let elapsed = started.elapsed();
         let statement = excerpt(sql);
-        metrics::histogram!("pupkit_db_query_seconds", "statement" => statement.clone())
+        metrics::counter!("pupkit_db_queries_total", "statement" => statement.clone()).increment(1);
+        metrics::histogram!("pupkit_db_query_seconds", "statement" => statement)
             .record(elapsed.as_secs_f64());
         let inner = &*self.inner;
         if elapsed >= inner.config.slow_query_threshold {
