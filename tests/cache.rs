@@ -449,6 +449,55 @@ async fn eager_refresh_reloads_in_the_background_past_its_point() {
 }
 
 #[tokio::test]
+async fn a_value_loaded_before_an_invalidation_is_not_served_after_it() {
+    let cache = memory_cache("load-race");
+    let source = Arc::new(std::sync::Mutex::new(message(1)));
+    let (started, gate) = (
+        Arc::new(tokio::sync::Notify::new()),
+        Arc::new(tokio::sync::Notify::new()),
+    );
+    let options = EntryOptions::new().tags(["row:1"]);
+    let slow_read = {
+        let (cache, source, started, gate, options) = (
+            cache.clone(),
+            source.clone(),
+            started.clone(),
+            gate.clone(),
+            options.clone(),
+        );
+        tokio::spawn(async move {
+            cache
+                .get_or_load("k", &options, move || async move {
+                    let read = source.lock().unwrap().clone();
+                    started.notify_one();
+                    gate.notified().await;
+                    Ok::<_, std::io::Error>(read)
+                })
+                .await
+        })
+    };
+    started.notified().await;
+    // The row changes and its tag is invalidated while the old value is still loading.
+    *source.lock().unwrap() = message(2);
+    cache.invalidate_tags(&["row:1"]).await.unwrap();
+    gate.notify_one();
+    assert_eq!(
+        *slow_read.await.unwrap().unwrap(),
+        message(1),
+        "the slow reader gets what it read"
+    );
+    // But the cache does not keep serving it: it was loaded before the invalidation.
+    let current = source.clone();
+    let value = cache
+        .get_or_load("k", &options, move || async move {
+            Ok::<_, std::io::Error>(current.lock().unwrap().clone())
+        })
+        .await
+        .unwrap();
+    assert_eq!(*value, message(2));
+}
+
+#[tokio::test]
 async fn an_l0_miss_is_one_probe_of_the_shared_tiers_even_for_many_keys() {
     let config = TieredConfig::named("probes");
     let store = Arc::new(CountingStore {

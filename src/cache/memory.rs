@@ -211,7 +211,8 @@ impl TierStore for MemoryTiers {
         let now = now_us();
         for mut write in writes {
             let ttl_us = write.ttl.as_micros() as u64;
-            codec::stamp(&mut write.envelope, now, now + ttl_us)?;
+            let created = write.created_us.map_or(now, |c| c.min(now));
+            codec::stamp(&mut write.envelope, created, now + ttl_us)?;
             for (i, tier) in self.tiers.iter().enumerate() {
                 if i != write.tier {
                     tier.invalidate(write.key);

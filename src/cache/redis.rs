@@ -179,8 +179,8 @@ return count_read(KEYS[1], KEYS[1] .. ':' .. ARGV[1], KEYS[1] .. ':' .. ARGV[2],
 /// Writes each entry to its home tier with created-at and expiry stamped from Redis's clock,
 /// deletes its other tiers' copies and its read counter, and publishes the backplane message.
 /// ARGV: tier count, tier names, channel ('' for none), message, then (home tier 0-based,
-/// ttl ms, grace ms, envelope) per key: the envelope expires after the TTL, the key after TTL
-/// plus grace. Returns Redis's clock.
+/// ttl ms, grace ms, created-at µs or 0 for now, envelope) per key: the envelope expires after
+/// the TTL, the key after TTL plus grace. Returns Redis's clock.
 const WRITE_LUA: &str = concat!(
     now_lua!(),
     r#"
@@ -196,9 +196,11 @@ local function be64(x)
 end
 local a = ntiers + 4
 for i = 1, #KEYS do
-  local home, ttl, grace, v = tonumber(ARGV[a]) + 1, tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), ARGV[a + 3]
-  a = a + 4
-  local stamped = string.sub(v, 1, 4) .. be64(now) .. be64(now + ttl * 1000) .. string.sub(v, 21)
+  local home, ttl, grace = tonumber(ARGV[a]) + 1, tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+  local created, v = tonumber(ARGV[a + 3]), ARGV[a + 4]
+  a = a + 5
+  if created == 0 or created > now then created = now end
+  local stamped = string.sub(v, 1, 4) .. be64(created) .. be64(now + ttl * 1000) .. string.sub(v, 21)
   for j = 1, ntiers do
     local key = KEYS[i] .. ':' .. ARGV[j + 1]
     if j == home then
@@ -821,6 +823,7 @@ impl TierStore for RedisTiers {
                 .arg(write.tier)
                 .arg(write.ttl.as_millis() as u64)
                 .arg(write.grace.as_millis() as u64)
+                .arg(write.created_us.unwrap_or(0))
                 .arg(&write.envelope[..]);
         }
         let now = self.connection.run_script("write", &invocation).await?;

@@ -81,6 +81,10 @@ pub struct Write<'a> {
     pub ttl: Duration,
     /// How long past its TTL the store keeps the entry, for fail-safe reads of a stale value.
     pub grace: Duration,
+    /// The entry's created-at, on the store's clock, when it is earlier than the write: a
+    /// loaded value is as old as the moment its load began, so an invalidation made while it
+    /// was loading covers it. `None`: the store's clock at the write.
+    pub created_us: Option<u64>,
     /// The envelope, with zero timestamps: the store stamps it with its own clock
     /// ([`crate::codec::stamp`]).
     pub envelope: Vec<u8>,

@@ -34,10 +34,10 @@ enum ToCache<V: 'static> {
     /// Nothing loaded: the value found is due for an eager refresh, with this loader.
     Refresh(Loader<V>),
     /// A value just loaded, with the entry's options.
-    Loaded(Arc<V>),
+    Loaded(Arc<V>, u64),
     /// A stale value served because the loader failed, written back as fresh for
     /// `fail_safe.retry_after`.
-    Throttled(Arc<V>),
+    Throttled(Arc<V>, u64),
 }
 
 /// A value from [`Tiered::get_or_load_entry`], and whether it is a stale fallback.
@@ -162,7 +162,7 @@ where
         let (outcome, to_cache, lock) = self.load_one(&guard, key, use_lock, stale, loader).await;
         let mut cache_options;
         let cache_options = match &to_cache {
-            Some(ToCache::Throttled(_)) => {
+            Some(ToCache::Throttled(..)) => {
                 // The stale value counts as fresh for a while, so the loader is not hammered.
                 cache_options = options.clone();
                 cache_options.ttl = Some(inner.config.fail_safe.retry_after);
@@ -171,9 +171,13 @@ where
             _ => options,
         };
         let mut refresh = None;
+        let mut started_us = 0;
         let loaded = to_cache
             .and_then(|c| match c {
-                ToCache::Loaded(value) | ToCache::Throttled(value) => Some((key, value)),
+                ToCache::Loaded(value, started) | ToCache::Throttled(value, started) => {
+                    started_us = started;
+                    Some((key, value))
+                }
                 ToCache::Refresh(loader) => {
                     refresh = Some(loader);
                     None
@@ -181,7 +185,8 @@ where
             })
             .into_iter()
             .collect();
-        let (l0_inserts, writes) = self.split_writes(self.prepare_loaded(loaded, cache_options));
+        let prepared = self.prepare_loaded(loaded, cache_options, started_us);
+        let (l0_inserts, writes) = self.split_writes(prepared);
         // L0 has the value before anyone is told; the shared tiers are written after, so
         // waiters do not wait for them.
         self.fill_l0(l0_inserts, self.store_clock_estimate(), cache_options)
@@ -256,10 +261,12 @@ where
         }
         inner.tally.eager_refreshes.add(1);
         inner.tally.loader_calls.add(1);
+        let started_us = self.store_clock_estimate();
         let loaded = self.run_loader(loader()).await;
         match loaded {
             Ok(value) => {
-                let prepared = self.prepare_loaded(vec![(key, Arc::new(value))], options);
+                let prepared =
+                    self.prepare_loaded(vec![(key, Arc::new(value))], options, started_us);
                 let (l0_inserts, writes) = self.split_writes(prepared);
                 self.fill_l0(l0_inserts, self.store_clock_estimate(), options)
                     .await;
@@ -334,11 +341,16 @@ where
             }
         }
         inner.tally.loader_calls.add(1);
+        let started_us = self.store_clock_estimate();
         let loaded = self.run_loader(loader()).await;
         match loaded {
             Ok(value) => {
                 let value = Arc::new(value);
-                (fresh(value.clone()), Some(ToCache::Loaded(value)), lock)
+                (
+                    fresh(value.clone()),
+                    Some(ToCache::Loaded(value, started_us)),
+                    lock,
+                )
             }
             Err(failure) => {
                 inner.tally.loader_errors.add(1);
@@ -350,7 +362,7 @@ where
                             value: value.clone(),
                             stale: true,
                         });
-                        (served, Some(ToCache::Throttled(value)), lock)
+                        (served, Some(ToCache::Throttled(value, started_us)), lock)
                     }
                     None => (Err(SharedLoadFailure(Arc::new(failure))), None, lock),
                 }
@@ -477,6 +489,7 @@ where
         let inner = &*self.inner;
         let keys: Vec<String> = leads.iter().map(|(key, _)| key.clone()).collect();
         inner.tally.loader_calls.add(1);
+        let started_us = self.store_clock_estimate();
         let loaded = self.run_loader(loader(keys)).await;
         let mut loaded = match loaded {
             Ok(loaded) => loaded,
@@ -498,7 +511,8 @@ where
             })
             .collect();
         let not_returned = SharedLoadFailure(Arc::new(LoadFailure::NotReturned));
-        let (l0_inserts, writes) = self.split_writes(self.prepare_loaded(found.clone(), options));
+        let prepared = self.prepare_loaded(found.clone(), options, started_us);
+        let (l0_inserts, writes) = self.split_writes(prepared);
         self.fill_l0(l0_inserts, self.store_clock_estimate(), options)
             .await;
         for (key, guard) in &leads {

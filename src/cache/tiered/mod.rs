@@ -229,6 +229,10 @@ where
     }
 }
 
+/// A value for L0 after a write: key, value, TTL, encoded size, and created-at when it is not
+/// the write's.
+type L0Insert<'k, V> = (&'k str, Arc<V>, Duration, usize, Option<u64>);
+
 /// What a write needs after validation and encoding.
 struct Prepared<'k, V> {
     key: &'k str,
@@ -236,6 +240,8 @@ struct Prepared<'k, V> {
     tier: usize,
     ttl: Duration,
     encoded: codec::Encoded,
+    /// Created-at when earlier than the write (a load's start), on the store's clock.
+    created_us: Option<u64>,
 }
 
 impl<V> Tiered<V>
@@ -487,6 +493,7 @@ where
             tier,
             ttl,
             encoded,
+            created_us: None,
         })
     }
 
@@ -515,39 +522,40 @@ where
     }
 
     /// Counts the bytes of prepared writes and splits them into L0 inserts and store writes.
-    #[allow(clippy::type_complexity)]
     fn split_writes<'k>(
         &self,
         prepared: Vec<Prepared<'k, V>>,
-    ) -> (Vec<(&'k str, Arc<V>, Duration, usize)>, Vec<Write<'k>>) {
+    ) -> (Vec<L0Insert<'k, V>>, Vec<Write<'k>>) {
         let mut l0_inserts = Vec::with_capacity(prepared.len());
         let mut writes = Vec::with_capacity(prepared.len());
         for p in prepared {
             let tally = self.inner.tally.shared(p.tier);
             tally.bytes_raw.add(p.encoded.raw_len as u64);
             tally.bytes_stored.add(p.encoded.stored_len as u64);
-            l0_inserts.push((p.key, p.value, p.ttl, p.encoded.bytes.len()));
+            l0_inserts.push((p.key, p.value, p.ttl, p.encoded.bytes.len(), p.created_us));
             writes.push(Write {
                 key: p.key,
                 tier: p.tier,
                 ttl: p.ttl,
                 grace: self.inner.config.fail_safe.grace,
+                created_us: p.created_us,
                 envelope: p.encoded.bytes,
             });
         }
         (l0_inserts, writes)
     }
 
+    /// Puts written values in L0, created at their own created-at or else `created_us`.
     async fn fill_l0(
         &self,
-        inserts: Vec<(&str, Arc<V>, Duration, usize)>,
+        inserts: Vec<L0Insert<'_, V>>,
         created_us: u64,
         options: &EntryOptions,
     ) {
         let inner = &*self.inner;
         let grace = inner.config.fail_safe.grace;
         if let Some(l0) = &inner.l0 {
-            for (key, value, ttl, len) in inserts {
+            for (key, value, ttl, len, created) in inserts {
                 let eager = inner.config.eager_refresh;
                 let freshness = Freshness {
                     fresh_for: ttl,
@@ -556,7 +564,7 @@ where
                 l0.insert(
                     key,
                     value,
-                    created_us,
+                    created.unwrap_or(created_us),
                     &options.tags,
                     freshness,
                     ttl + grace,
@@ -568,17 +576,22 @@ where
         }
     }
 
-    /// Prepares freshly loaded values for caching; a value that cannot be cached is counted
-    /// and logged, not returned, because the caller has it.
+    /// Prepares freshly loaded values for caching, created at `load_started_us` (so that an
+    /// invalidation made while they were loading covers them); a value that cannot be cached
+    /// is counted and logged, not returned, because the caller has it.
     fn prepare_loaded<'k>(
         &self,
         loaded: Vec<(&'k str, Arc<V>)>,
         options: &EntryOptions,
+        load_started_us: u64,
     ) -> Vec<Prepared<'k, V>> {
         let mut prepared = Vec::with_capacity(loaded.len());
         for (key, value) in loaded {
             match self.prepare(key, value, options) {
-                Ok(p) => prepared.push(p),
+                Ok(mut p) => {
+                    p.created_us = Some(load_started_us);
+                    prepared.push(p);
+                }
                 Err(error) => {
                     self.inner.tally.oversized_values.add(1);
                     tracing::warn!(cache = %self.inner.config.name, key = %excerpt(key), error = %error_chain(&error), "loaded value not cached");
