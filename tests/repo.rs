@@ -453,6 +453,17 @@ async fn reads_go_to_the_replica_and_a_unit_that_wrote_reads_the_primary() {
         after, primary_name,
         "after its write the unit reads the primary"
     );
+    let mut transacted = pool.unit_of_work();
+    let insert = format!("INSERT INTO {schema}.t VALUES (1)");
+    transacted
+        .transaction(&pupkit::repo::TxOptions::default(), move |tx| {
+            let insert = insert.clone();
+            Box::pin(async move { tx.execute(&insert, &[]).await })
+        })
+        .await
+        .unwrap();
+    let after_tx: String = transacted.query_one(whoami, &[]).await.unwrap().get(0);
+    assert_eq!(after_tx, primary_name, "a transaction counts as a write");
     assert!(pool.status().replica_size.is_some_and(|n| n >= 1));
     drop_schema(&pool, &schema).await;
 }

@@ -295,6 +295,16 @@ impl UnitOfWork {
         self.wrote = true;
         self.pool.execute(sql, params).await
     }
+
+    /// Runs a transaction on the primary (see [`PgPool::transaction`]); later reads of this
+    /// unit go to the primary too.
+    pub async fn transaction<T, F>(&mut self, options: &TxOptions, work: F) -> Result<T>
+    where
+        F: for<'t> FnMut(&'t mut Tx<'_>) -> crate::cache::BoxFuture<'t, Result<T>>,
+    {
+        self.wrote = true;
+        self.pool.transaction(options, work).await
+    }
 }
 
 /// Which pool a statement goes to.
