@@ -3,6 +3,8 @@
 //!
 //! `cargo bench --bench cache --features redis` (Redis at `PUPKIT_REDIS_URL`, default local).
 
+mod support;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -525,23 +527,6 @@ fn cleanup(rt: &Runtime) {
     }
 }
 
-/// Reads criterion's point estimate (mean, ns) of `group/function` from this run.
-fn mean_ns(group: &str, function: &str) -> Option<f64> {
-    let path = format!("target/criterion/{group}/{function}/new/estimates.json");
-    let text = std::fs::read_to_string(path).ok()?;
-    let json: serde_json::Value = serde_json::from_str(&text).ok()?;
-    json["mean"]["point_estimate"].as_f64()
-}
-
-/// Whether `group` ran in this process (its estimates are newer than `started`).
-fn fresh(group: &str, started: Instant) -> bool {
-    std::fs::metadata(format!(
-        "target/criterion/{group}/pupkit/new/estimates.json"
-    ))
-    .and_then(|m| m.modified())
-    .is_ok_and(|t| t.elapsed().is_ok_and(|e| e <= started.elapsed()))
-}
-
 fn print_ratios(started: Instant) {
     println!("\n== pupkit cache vs raw baselines (this run) ==");
     let rows = [
@@ -591,9 +576,9 @@ fn print_ratios(started: Instant) {
     ];
     for (group, baseline, label, target) in rows {
         match (
-            fresh(group, started),
-            mean_ns(group, "pupkit"),
-            mean_ns(group, baseline),
+            support::ran_since(group, "pupkit", started),
+            support::mean_ns(group, "pupkit"),
+            support::mean_ns(group, baseline),
         ) {
             (true, Some(ours), Some(raw)) => println!(
                 "{label}: pupkit {:.0} ns, raw {:.0} ns, ratio {:.2}x (target {target})",
@@ -604,7 +589,10 @@ fn print_ratios(started: Instant) {
             _ => println!("{label}: not run"),
         }
     }
-    if let (true, Some(ns)) = (fresh("l0_hit", started), mean_ns("l0_hit", "pupkit")) {
+    if let (true, Some(ns)) = (
+        support::ran_since("l0_hit", "pupkit", started),
+        support::mean_ns("l0_hit", "pupkit"),
+    ) {
         println!("L0 hit latency: {ns:.0} ns");
     }
 }

@@ -5,6 +5,8 @@
 //!
 //! `cargo bench --bench database --features postgres` (Postgres at `PUPKIT_DATABASE_URL`).
 
+mod support;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -210,23 +212,6 @@ fn checkout_latency(rt: &Runtime, pool: &PgPool, tasks: usize, print: bool) {
     }
 }
 
-fn mean_ns(group: &str, function: &str) -> Option<f64> {
-    let text = std::fs::read_to_string(format!(
-        "target/criterion/{group}/{function}/new/estimates.json"
-    ))
-    .ok()?;
-    let json: serde_json::Value = serde_json::from_str(&text).ok()?;
-    json["mean"]["point_estimate"].as_f64()
-}
-
-fn fresh(group: &str, function: &str, started: Instant) -> bool {
-    std::fs::metadata(format!(
-        "target/criterion/{group}/{function}/new/estimates.json"
-    ))
-    .and_then(|m| m.modified())
-    .is_ok_and(|t| t.elapsed().is_ok_and(|e| e <= started.elapsed()))
-}
-
 fn print_ratios(started: Instant) {
     println!("\n== pupkit database vs raw baselines (this run) ==");
     let rows = [
@@ -254,9 +239,9 @@ fn print_ratios(started: Instant) {
     ];
     for (group, top, bottom, label, target) in rows {
         match (
-            fresh(group, "pupkit", started),
-            mean_ns(group, top),
-            mean_ns(group, bottom),
+            support::ran_since(group, "pupkit", started),
+            support::mean_ns(group, top),
+            support::mean_ns(group, bottom),
         ) {
             (true, Some(a), Some(b)) => println!(
                 "{label}: {:.0} ns vs {:.0} ns, ratio {:.2}x (target {target})",
