@@ -1,11 +1,15 @@
 //! The main flow with no services: a tiered cache on in-process tiers, with get_or_load,
-//! a stampede that causes one load, tags and stats.
+//! a stampede that causes one load, tags and stats; then a cost meter in memory with a hard
+//! budget, a reserved call, a cache hit recorded as a saving, and the day's report.
 //!
 //! `cargo run --example quickstart`
 
 use std::time::Duration;
 
 use pupkit::cache::{EntryOptions, Tiered, TieredConfig};
+use pupkit::cost::{
+    Budget, CostMeter, Meter, Mode, Period, ReportPeriod, Scope, Spender, Usage, UsageSource,
+};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -94,5 +98,45 @@ async fn main() -> pupkit::Result<()> {
             tier.name, tier.hits, tier.misses, tier.promotions, tier.bytes_raw, tier.bytes_stored
         );
     }
+
+    track_costs().await
+}
+
+/// The cost meter in memory: a hard daily budget, one reserved call, a cache hit recorded as
+/// a saving, and the day's report.
+async fn track_costs() -> pupkit::Result<()> {
+    let meter = Meter::builder()
+        .budget(
+            Budget::new(Scope::User("42".into()), "0.01".parse()?, Period::Day).mode(Mode::Hard),
+        )
+        .build()
+        .await?;
+    let spender = Spender::new("chat", "42");
+    // Hold an estimate before the expensive call, commit what it really cost after it.
+    let held = meter.reserve(&spender, "0.005".parse()?).await?;
+    let usage = Usage::new("req-1", "chat", "42", "gpt-4o-mini").tokens(12_000, 800);
+    let recorded = meter.commit(&held, usage).await?;
+    println!(
+        "
+chat call for user 42 cost {}",
+        recorded.cost
+    );
+    // The same embedding served from the cache: no cost, a saving.
+    let hit = Usage::new("req-2", "search", "42", "text-embedding-3-small")
+        .tokens(50_000, 0)
+        .source(UsageSource::Cache);
+    meter.record(hit).await?;
+    match meter.reserve(&spender, "0.01".parse()?).await {
+        Ok(_) => println!("a second $0.01 call fits the budget"),
+        Err(refused) => println!("a second $0.01 call is refused: {refused}"),
+    }
+    let report = meter.report(ReportPeriod::Day).await?;
+    println!(
+        "today: {} over {} requests, {} saved by the cache (budget left: {})",
+        report.totals.cost,
+        report.totals.requests,
+        report.savings,
+        meter.budget_status(None).await?[0].remaining
+    );
     Ok(())
 }

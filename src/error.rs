@@ -49,8 +49,9 @@ pub enum Error {
         source: BoxError,
     },
 
-    /// Stored bytes are not a valid envelope (garbage, truncated, or a future format version).
-    #[error("stored entry is not a valid envelope: {reason}")]
+    /// Stored data is not valid: a cache envelope that is garbage, truncated or of a future
+    /// format version, or a ledger row that breaks its invariants.
+    #[error("stored data is not valid: {reason}")]
     Corrupt {
         /// What was wrong with the bytes.
         reason: String,
@@ -121,6 +122,29 @@ pub enum Error {
         waiters: u64,
     },
 
+    /// A hard budget refused a reservation: the call would take its period past the cap.
+    #[error(
+        "budget for {scope} exhausted: spent {spent} and reserved {reserved} of {amount} {}, so {estimate} more does not fit{}",
+        period_phrase(period),
+        resets_at.map(|t| format!(" (resets {t})")).unwrap_or_default()
+    )]
+    BudgetExceeded {
+        /// Whose budget (`global`, `service "x"`, `user "y"`).
+        scope: String,
+        /// `day`, `week`, `month` or `rolling`.
+        period: &'static str,
+        /// The cap.
+        amount: crate::cost::MicroUsd,
+        /// Spend so far in the period.
+        spent: crate::cost::MicroUsd,
+        /// Held by live reservations.
+        reserved: crate::cost::MicroUsd,
+        /// What this call asked for.
+        estimate: crate::cost::MicroUsd,
+        /// When the period ends (none for a rolling window).
+        resets_at: Option<jiff::Timestamp>,
+    },
+
     /// The caller's loader failed; its error is the source.
     #[error("loader for key {key:?} failed")]
     Loader {
@@ -166,6 +190,11 @@ impl Error {
         )
     }
 
+    /// True when a hard budget refused a reservation.
+    pub fn is_budget_exceeded(&self) -> bool {
+        matches!(self, Error::BudgetExceeded { .. })
+    }
+
     /// True when the caller's loader failed.
     pub fn is_loader(&self) -> bool {
         matches!(self, Error::Loader { .. })
@@ -182,6 +211,15 @@ impl Error {
         Error::Corrupt {
             reason: reason.to_string(),
         }
+    }
+}
+
+/// `day` → `today`, `month` → `this month`: how a budget period reads in a sentence.
+fn period_phrase(period: &str) -> String {
+    match period {
+        "day" => "today".to_owned(),
+        "rolling" => "in its rolling window".to_owned(),
+        other => format!("this {other}"),
     }
 }
 

@@ -7,6 +7,7 @@
 //! |---|---|
 //! | [`cache`] | [`TieredCache`](cache::TieredCache): an in-process L0 (moka) in front of Redis hot/warm/cold tiers, one round trip per read, tag invalidation by timestamp, lz4 compression, promotion of hot entries |
 //! | [`codec`] | the versioned envelope every cached value is stored in |
+//! | [`cost`] | [`Meter`](cost::Meter): usage priced from a dated price table into an idempotent ledger, budgets per user, service and globally with hard enforcement by reservation, alerts, anomalies, projections, reports, CSV, HTTP routes |
 //! | `redis` | [`RedisConnection`](crate::redis::RedisConnection): one shared multiplexed connection with a deadline on every operation and a circuit breaker (feature `redis`) |
 //! | [`repo`] | [`PgPool`](repo::PgPool): pooled Postgres (bb8 + tokio-postgres) with a statement cache, slow-query log, transactions with retries, a read replica; [`CachedRepo`](repo::CachedRepo) over the tiered cache (feature `postgres`) |
 //! | [`resilience`] | [`CircuitBreaker`](resilience::CircuitBreaker), shared by every backend |
@@ -50,8 +51,10 @@
 //!
 //! | feature | enables |
 //! |---|---|
-//! | `redis` | Redis shared tiers ([`cache::RedisTiers`]) and [`redis::RedisConnection`] |
-//! | `postgres` | [`repo::PgPool`], [`repo::PooledRepo`], [`repo::CachedRepo`] |
+//! | `redis` | Redis shared tiers ([`cache::RedisTiers`]), [`redis::RedisConnection`], `cost::RedisSpendStore` |
+//! | `postgres` | [`repo::PgPool`], [`repo::PooledRepo`], [`repo::CachedRepo`], `cost::PgLedger` |
+//! | `axum` | `cost::CostRoutes`: the cost endpoints as an axum `Router` |
+//! | `webhook` | `cost::WebhookSink`: HMAC-signed alert webhooks (reqwest with rustls) |
 //! | `full` | every backend |
 //!
 //! Traits and configuration types compile without any feature. The MSRV is 1.88.
@@ -68,14 +71,20 @@
 
 pub mod cache;
 pub mod codec;
+pub mod cost;
 mod error;
-#[cfg_attr(not(any(feature = "redis", feature = "postgres")), allow(dead_code))]
+mod random;
+#[cfg_attr(
+    not(any(feature = "redis", feature = "postgres", feature = "webhook")),
+    allow(dead_code)
+)]
 mod redact;
 #[cfg(feature = "redis")]
 pub mod redis;
 pub mod repo;
 pub mod resilience;
 mod serde_duration;
+mod tally;
 
 pub use error::{BoxError, Error, Result};
 

@@ -26,7 +26,7 @@ impl HeldLock {
         key: &str,
         lease: Duration,
     ) -> crate::Result<Option<HeldLock>> {
-        let token = random_token();
+        let token = crate::random::random_u128();
         if !store.try_lock(key, token, lease).await? {
             return Ok(None);
         }
@@ -84,17 +84,6 @@ impl Drop for HeldLock {
     }
 }
 
-/// A token that is unique per lock taken (not a secret).
-fn random_token() -> u128 {
-    use std::hash::{BuildHasher, RandomState};
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let count = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let high = RandomState::new().hash_one((count, std::process::id()));
-    let low = RandomState::new().hash_one(std::time::SystemTime::now());
-    (u128::from(high) << 64) | u128::from(low)
-}
-
 /// Pauses between polls of a waiter: doubling from `min` to `max`, each with up to half again
 /// at random, so waiters on many instances do not poll in step.
 pub(crate) struct Backoff {
@@ -113,7 +102,7 @@ impl Backoff {
     pub(crate) fn pause(&mut self) -> Duration {
         let base = self.next;
         self.next = (self.next * 2).min(self.max);
-        let jitter = (random_token() % 1000) as u32;
+        let jitter = (crate::random::random_u128() % 1000) as u32;
         base + base.mul_f64(f64::from(jitter) / 2000.0)
     }
 }
@@ -124,7 +113,7 @@ mod tests {
 
     #[test]
     fn tokens_differ_and_backoff_doubles_up_to_its_bound() {
-        assert_ne!(random_token(), random_token());
+        assert_ne!(crate::random::random_u128(), crate::random::random_u128());
         let mut backoff = Backoff::new(Duration::from_millis(10), Duration::from_millis(40));
         let pauses: Vec<Duration> = (0..5).map(|_| backoff.pause()).collect();
         for (pause, base) in pauses.iter().zip([10, 20, 40, 40, 40]) {

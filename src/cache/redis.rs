@@ -425,7 +425,7 @@ impl RedisTiers {
             } else {
                 String::new()
             },
-            source: lock_free_random(),
+            source: (crate::random::random_u128() as u64),
             _stop: stop_sender,
             stop,
         }
@@ -653,12 +653,6 @@ impl RedisTiers {
 /// Redis's clock, estimated from this process's and the offset last seen.
 fn redis_now_us(offset: &AtomicI64) -> u64 {
     wall_us().saturating_add_signed(offset.load(Ordering::Relaxed))
-}
-
-/// A random id (not a secret).
-fn lock_free_random() -> u64 {
-    use std::hash::{BuildHasher, RandomState};
-    RandomState::new().hash_one((std::process::id(), std::time::SystemTime::now()))
 }
 
 /// The `{promoted, demoted}` reply of the count script.

@@ -1,34 +1,12 @@
 //! Counters of a tiered cache: a [`CacheStats`] snapshot for health endpoints, and the same
 //! figures through the `metrics` facade.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 
-use metrics::{Counter, Label};
+use metrics::Label;
+
+use crate::tally::Tally;
 use serde::Serialize;
-
-/// A counter kept locally for [`CacheStats`] and mirrored to a `metrics` counter.
-pub(crate) struct Tally {
-    local: AtomicU64,
-    metric: Counter,
-}
-
-impl Tally {
-    fn new(name: &'static str, labels: Vec<Label>) -> Self {
-        Tally {
-            local: AtomicU64::new(0),
-            metric: metrics::counter!(name, labels),
-        }
-    }
-
-    pub(crate) fn add(&self, n: u64) {
-        self.local.fetch_add(n, Ordering::Relaxed);
-        self.metric.increment(n);
-    }
-
-    pub(crate) fn get(&self) -> u64 {
-        self.local.load(Ordering::Relaxed)
-    }
-}
 
 /// The counters of one tier.
 pub(crate) struct TierTally {

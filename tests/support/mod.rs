@@ -3,8 +3,10 @@
 #![allow(dead_code)]
 
 use std::net::TcpListener;
+#[cfg(feature = "redis")]
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
+#[cfg(feature = "redis")]
 use std::time::{Duration, Instant};
 
 /// `PUPKIT_REDIS_URL`, or the local default.
