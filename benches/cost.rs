@@ -335,7 +335,7 @@ fn postgres_ledger(rt: &Runtime) {
         let mut raw_report = Vec::new();
         let raw_sql = format!(
             "SELECT service, user_id, model, sum(cost_micros)::int8, sum(input_tokens)::int8, count(*) \
-             FROM {schema}.pupkit_cost_ledger WHERE at >= $1::timestamptz AND at < $2::timestamptz \
+             FROM {schema}.pupkit_cost_ledger WHERE at >= $1::text::timestamptz AND at < $2::text::timestamptz \
              GROUP BY GROUPING SETS ((), (service), (user_id), (model))"
         );
         for _ in 0..3 {

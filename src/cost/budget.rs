@@ -415,6 +415,13 @@ impl CounterSpec {
 
     /// The counter an event at `at` adds to, and when that counter may be dropped.
     pub fn event_key(&self, scope: &Scope, at: Timestamp, tz: &TimeZone) -> (String, Timestamp) {
+        let (bucket, expires) = self.event_bucket(at, tz);
+        (self.key(scope, bucket), expires)
+    }
+
+    /// The bucket (window start, in seconds) an event at `at` counts in, for every scope, and
+    /// when its counters may be dropped.
+    pub fn event_bucket(&self, at: Timestamp, tz: &TimeZone) -> (i64, Timestamp) {
         let (bucket, expires) = match self.period {
             Period::Rolling(length) => {
                 let width = self.bucket_secs();
@@ -429,7 +436,7 @@ impl CounterSpec {
         // Counters outlive their window by two days, for late events and the realtime view.
         let expires =
             Timestamp::from_second(expires.saturating_add(2 * 86_400)).unwrap_or(Timestamp::MAX);
-        (self.key(scope, bucket), expires)
+        (bucket, expires)
     }
 
     /// The counters that sum to a scope's spend in the window containing `now`. A rolling
@@ -451,7 +458,8 @@ impl CounterSpec {
         }
     }
 
-    fn key(&self, scope: &Scope, bucket: i64) -> String {
+    /// The counter of `scope` for the bucket starting at `bucket` (seconds).
+    pub fn key(&self, scope: &Scope, bucket: i64) -> String {
         format!("c|{}|{}|{bucket}", scope.key_fragment(), self.id)
     }
 }

@@ -36,8 +36,8 @@ struct SpendState {
     /// Booked request id → expiry.
     booked: HashMap<String, Timestamp>,
     budgets: BTreeMap<String, Budget>,
-    /// Operations since expired counters were last swept.
-    since_sweep: u32,
+    /// When expired entries were last swept.
+    swept: Option<Timestamp>,
 }
 
 impl MemorySpendStore {
@@ -61,12 +61,15 @@ fn later(now: Timestamp, ttl: Duration) -> Timestamp {
 }
 
 impl SpendState {
+    /// Drops expired entries, at most once a minute, so the cost stays flat per operation.
     fn sweep(&mut self, now: Timestamp) {
-        self.since_sweep += 1;
-        if self.since_sweep < 10_000 {
+        let due = self
+            .swept
+            .is_none_or(|at| now.as_second() - at.as_second() >= 60);
+        if !due {
             return;
         }
-        self.since_sweep = 0;
+        self.swept = Some(now);
         self.counters.retain(|_, (_, expires)| *expires > now);
         self.alerts.retain(|_, expires| *expires > now);
         self.booked.retain(|_, expires| *expires > now);

@@ -519,12 +519,14 @@ impl Meter {
         if entry.cost.micros() == 0 {
             return Vec::new();
         }
-        let mut increments = Vec::with_capacity(3 * set.specs.len());
-        for scope in Scope::of_event(&entry.service, &entry.user) {
-            for (spec, tz) in &set.specs {
-                let (key, expires) = spec.event_key(&scope, entry.at, tz);
+        let scopes = Scope::of_event(&entry.service, &entry.user);
+        let mut increments = Vec::with_capacity(scopes.len() * set.specs.len());
+        for (spec, tz) in &set.specs {
+            // The window depends on the period only: compute it once for the three scopes.
+            let (bucket, expires) = spec.event_bucket(entry.at, tz);
+            for scope in &scopes {
                 increments.push(Increment {
-                    key,
+                    key: spec.key(scope, bucket),
                     amount: entry.cost.micros(),
                     expires,
                 });

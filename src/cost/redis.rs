@@ -25,10 +25,13 @@ use crate::redis::{RedisConnection, script};
 /// request id was booked already (nothing added); `fresh` means the marker was missing, so
 /// Redis lost its state and the meter rebuilds counters from the ledger.
 const BOOK_LUA: &str = r#"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local id = ARGV[1]
 local pools, incs, groups = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local now = 0
+if pools > 0 then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
 local fresh = 0
 if redis.call('EXISTS', KEYS[1]) == 0 then
   redis.call('SET', KEYS[1], '1')

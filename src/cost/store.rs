@@ -71,8 +71,9 @@ pub struct Booking<'a> {
     pub watch: &'a [Vec<String>],
 }
 
-/// How long a booked request id is remembered by the spend store.
-pub const DEDUP_WINDOW: Duration = Duration::from_secs(2 * 86_400);
+/// How long a booked request id is remembered by the spend store: a day, long enough for any
+/// retry, at about 100 bytes of Redis memory per event.
+pub const DEDUP_WINDOW: Duration = Duration::from_secs(86_400);
 
 /// What booking an event came to.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
