@@ -79,14 +79,17 @@ impl SpendState {
         });
     }
 
+    /// The counter `key` (created at zero), its expiry pushed to at least `expires`.
+    fn counter(&mut self, key: &str, expires: Timestamp) -> &mut i64 {
+        let counter = self.counters.entry(key.to_owned()).or_insert((0, expires));
+        counter.1 = counter.1.max(expires);
+        &mut counter.0
+    }
+
     fn apply(&mut self, increments: &[Increment]) {
         for increment in increments {
-            let counter = self
-                .counters
-                .entry(increment.key.clone())
-                .or_insert((0, increment.expires));
-            counter.0 = counter.0.saturating_add(increment.amount);
-            counter.1 = counter.1.max(increment.expires);
+            let counter = self.counter(&increment.key, increment.expires);
+            *counter = counter.saturating_add(increment.amount);
         }
     }
 
@@ -195,12 +198,8 @@ impl SpendStore for MemorySpendStore {
     async fn raise(&self, values: &[Increment]) -> Result<()> {
         let mut state = self.lock();
         for value in values {
-            let counter = state
-                .counters
-                .entry(value.key.clone())
-                .or_insert((0, value.expires));
-            counter.0 = counter.0.max(value.amount);
-            counter.1 = counter.1.max(value.expires);
+            let counter = state.counter(&value.key, value.expires);
+            *counter = (*counter).max(value.amount);
         }
         Ok(())
     }
