@@ -12,8 +12,8 @@ use futures_util::TryStreamExt;
 use jiff::Timestamp;
 use pupkit::Error;
 use pupkit::cost::{
-    BucketWidth, CostMeter, Dimension, Ledger, LedgerEntry, LedgerQuery, Meter, MicroUsd, PgLedger,
-    Usage, UsageSource,
+    BucketWidth, CostConfig, CostMeter, Dimension, Ledger, LedgerEntry, LedgerQuery, Meter,
+    MicroUsd, PgLedger, Usage, UsageSource,
 };
 use pupkit::repo::{PgConfig, PgPool};
 use support::postgres::{drop_schema, pool};
@@ -92,12 +92,20 @@ fn random_usages(seed: u64, count: usize) -> Vec<Usage> {
         .collect()
 }
 
+/// Events here are dated anywhere from year 1 to 9999.
+fn any_date() -> CostConfig {
+    let mut config = CostConfig::default();
+    config.max_future_skew = Duration::from_secs(10_000 * 366 * 86_400);
+    config
+}
+
 async fn memory_meter() -> Meter {
-    Meter::builder().build().await.unwrap()
+    Meter::builder().config(any_date()).build().await.unwrap()
 }
 
 async fn pg_meter(ledger: PgLedger) -> Meter {
     Meter::builder()
+        .config(any_date())
         .ledger(Arc::new(ledger))
         .build()
         .await

@@ -55,7 +55,12 @@ pub struct Alert {
     pub scope: Option<Scope>,
     /// The threshold crossed, in percent.
     pub threshold: Option<u32>,
-    /// The start of the period (or bucket) it is about.
+    /// The period it is about: the budget's (`day`, `week`, `month`, `rolling3600`), the
+    /// anomaly's bucket (`hour`, `day`), or `day` for an unpriced model.
+    pub period: String,
+    /// The start of the period (or bucket) it is about. For a rolling budget, the start of
+    /// the current stretch of one window length since the epoch, so it alerts at most once per
+    /// window length.
     pub period_start: Timestamp,
     /// Spend so far in the period (or the bucket's cost), in micro-dollars.
     pub spent: MicroUsd,
@@ -79,10 +84,11 @@ impl Alert {
     /// The dedup key: entity, kind, threshold and period.
     pub fn dedup_key(&self) -> String {
         format!(
-            "{}|{}|{}|{}",
+            "{}|{}|{}|{}@{}",
             self.kind.as_str(),
             super::budget::escape_key(&self.entity),
             self.threshold.unwrap_or(0),
+            super::budget::escape_key(&self.period),
             self.period_start.as_second()
         )
     }

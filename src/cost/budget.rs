@@ -399,6 +399,11 @@ impl CounterSpec {
             Period::Month => format!("m@{}", escape_key(tz_name)),
             Period::Rolling(length) => format!("r{}", length.as_secs()),
         };
+        // A rolling window is the same in every time zone.
+        let tz_name = match period {
+            Period::Rolling(_) => "",
+            _ => tz_name,
+        };
         CounterSpec {
             id,
             period,
@@ -411,12 +416,6 @@ impl CounterSpec {
             Period::Rolling(length) => (length.as_secs() / ROLLING_BUCKETS).max(1) as i64,
             _ => 0,
         }
-    }
-
-    /// The counter an event at `at` adds to, and when that counter may be dropped.
-    pub fn event_key(&self, scope: &Scope, at: Timestamp, tz: &TimeZone) -> (String, Timestamp) {
-        let (bucket, expires) = self.event_bucket(at, tz);
-        (self.key(scope, bucket), expires)
     }
 
     /// The bucket (window start, in seconds) an event at `at` counts in, for every scope, and
@@ -443,6 +442,15 @@ impl CounterSpec {
     /// window counts its oldest bucket whole, so it may over-count by at most 1/24 of the
     /// window, never under-count.
     pub fn window_keys(&self, scope: &Scope, now: Timestamp, tz: &TimeZone) -> Vec<String> {
+        self.window_buckets(now, tz)
+            .into_iter()
+            .map(|(start, _)| self.key(scope, start.as_second()))
+            .collect()
+    }
+
+    /// The buckets, `[start, end)`, whose counters make up the window containing `now`: the
+    /// calendar window itself, or a rolling window's 24 buckets and the current one.
+    pub fn window_buckets(&self, now: Timestamp, tz: &TimeZone) -> Vec<(Timestamp, Timestamp)> {
         match self.period {
             Period::Rolling(length) => {
                 let width = self.bucket_secs();
@@ -451,10 +459,18 @@ impl CounterSpec {
                 (0..)
                     .map(|i| first + i * width)
                     .take_while(|b| *b <= last)
-                    .map(|b| self.key(scope, b))
+                    .filter_map(|b| {
+                        Some((
+                            Timestamp::from_second(b).ok()?,
+                            Timestamp::from_second(b + width).ok()?,
+                        ))
+                    })
                     .collect()
             }
-            calendar => vec![self.key(scope, calendar.window(now, tz).start.as_second())],
+            calendar => {
+                let window = calendar.window(now, tz);
+                vec![(window.start, window.end)]
+            }
         }
     }
 
@@ -506,11 +522,12 @@ mod tests {
         let now = ts("2026-11-26T12:30:00Z");
         let keys = spec.window_keys(&Scope::Global, now, &TimeZone::UTC);
         assert_eq!(keys.len(), 25);
-        let (event_key, _) = spec.event_key(&Scope::Global, now, &TimeZone::UTC);
-        assert_eq!(keys.last(), Some(&event_key));
-        let (old_key, _) =
-            spec.event_key(&Scope::Global, ts("2026-11-25T12:30:00Z"), &TimeZone::UTC);
-        assert_eq!(keys.first(), Some(&old_key));
+        let event_key = |at| {
+            let (bucket, _) = spec.event_bucket(at, &TimeZone::UTC);
+            spec.key(&Scope::Global, bucket)
+        };
+        assert_eq!(keys.last(), Some(&event_key(now)));
+        assert_eq!(keys.first(), Some(&event_key(ts("2026-11-25T12:30:00Z"))));
     }
 
     #[test]

@@ -18,11 +18,25 @@ use super::store::{
 use crate::error::Result;
 
 /// Counters, reservations, alert claims and budgets in the process, behind one mutex, so each
-/// operation is atomic. Reservations, alert claims and booked request ids expire by the wall
-/// clock, as in Redis.
-#[derive(Debug, Default)]
+/// operation is atomic.
 pub struct MemorySpendStore {
     state: Mutex<SpendState>,
+    clock: Clock,
+}
+
+/// Where a store reads the time.
+type Clock = std::sync::Arc<dyn Fn() -> Timestamp + Send + Sync>;
+
+impl std::fmt::Debug for MemorySpendStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemorySpendStore").finish_non_exhaustive()
+    }
+}
+
+impl Default for MemorySpendStore {
+    fn default() -> Self {
+        MemorySpendStore::with_clock(Timestamp::now)
+    }
 }
 
 #[derive(Debug, Default)]
@@ -41,9 +55,18 @@ struct SpendState {
 }
 
 impl MemorySpendStore {
-    /// An empty store.
+    /// An empty store on the wall clock.
     pub fn new() -> Self {
         MemorySpendStore::default()
+    }
+
+    /// An empty store whose reservations, alert claims, booked ids and counters expire by
+    /// `clock` (the meter's own clock when the meter builds the store).
+    pub fn with_clock(clock: impl Fn() -> Timestamp + Send + Sync + 'static) -> Self {
+        MemorySpendStore {
+            state: Mutex::new(SpendState::default()),
+            clock: std::sync::Arc::new(clock),
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, SpendState> {
@@ -108,8 +131,7 @@ impl SpendState {
             .fold(0i64, |acc, (amount, _)| acc.saturating_add(*amount))
     }
 
-    fn drop_reservation(&mut self, id: &str, pools: &[String]) -> bool {
-        let now = Timestamp::now();
+    fn drop_reservation(&mut self, id: &str, pools: &[String], now: Timestamp) -> bool {
         let mut held = false;
         for pool in pools {
             if let Some(entries) = self.pools.get_mut(pool)
@@ -125,11 +147,11 @@ impl SpendState {
 #[async_trait]
 impl SpendStore for MemorySpendStore {
     async fn book(&self, booking: &Booking<'_>) -> Result<Booked> {
-        let now = Timestamp::now();
+        let now = (self.clock)();
         let mut state = self.lock();
         state.sweep(now);
         let held = match booking.reservation {
-            Some((id, pools)) => state.drop_reservation(id, pools),
+            Some((id, pools)) => state.drop_reservation(id, pools, now),
             None => false,
         };
         let counted = match state.booked.get(booking.request_id) {
@@ -159,7 +181,7 @@ impl SpendStore for MemorySpendStore {
         ttl: Duration,
         checks: &[BudgetCheck],
     ) -> Result<ReserveOutcome> {
-        let now = Timestamp::now();
+        let now = (self.clock)();
         let mut state = self.lock();
         for (index, check) in checks.iter().enumerate() {
             let spent = state.sum(&check.counters);
@@ -184,11 +206,11 @@ impl SpendStore for MemorySpendStore {
     }
 
     async fn release(&self, id: &str, pools: &[String]) -> Result<bool> {
-        Ok(self.lock().drop_reservation(id, pools))
+        Ok(self.lock().drop_reservation(id, pools, (self.clock)()))
     }
 
     async fn read(&self, groups: &[Vec<String>], pools: &[String]) -> Result<(Vec<i64>, Vec<i64>)> {
-        let now = Timestamp::now();
+        let now = (self.clock)();
         let mut state = self.lock();
         let sums = groups.iter().map(|keys| state.sum(keys)).collect();
         let reserved = pools.iter().map(|p| state.reserved(p, now)).collect();
@@ -205,7 +227,7 @@ impl SpendStore for MemorySpendStore {
     }
 
     async fn claim_alert(&self, key: &str, ttl: Duration) -> Result<bool> {
-        let now = Timestamp::now();
+        let now = (self.clock)();
         let mut state = self.lock();
         match state.alerts.get(key) {
             Some(expires) if *expires > now => Ok(false),
@@ -218,6 +240,14 @@ impl SpendStore for MemorySpendStore {
 
     async fn save_budget(&self, key: &str, budget: &Budget) -> Result<()> {
         self.lock().budgets.insert(key.to_owned(), budget.clone());
+        Ok(())
+    }
+
+    async fn restore_budget(&self, key: &str, budget: &Budget) -> Result<()> {
+        self.lock()
+            .budgets
+            .entry(key.to_owned())
+            .or_insert_with(|| budget.clone());
         Ok(())
     }
 

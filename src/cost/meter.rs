@@ -49,6 +49,11 @@ pub struct CostConfig {
     pub projection_min_elapsed: f64,
     /// How many users "top spenders" lists. Default 10.
     pub top_spenders: usize,
+    /// How far in the future a usage timestamp may be (clock skew between hosts): an event
+    /// dated later would count in a future window, out of reach of today's budgets.
+    /// Default 5 min. Past timestamps (backfills) are accepted.
+    #[serde(with = "crate::serde_duration")]
+    pub max_future_skew: Duration,
     /// How often budgets are re-read from the spend store, to pick up changes made by other
     /// processes. Default 5 s.
     #[serde(with = "crate::serde_duration")]
@@ -63,6 +68,7 @@ impl Default for CostConfig {
             anomaly: AnomalyConfig::default(),
             projection_min_elapsed: 0.1,
             top_spenders: 10,
+            max_future_skew: Duration::from_secs(300),
             budget_refresh: Duration::from_secs(5),
         }
     }
@@ -119,7 +125,8 @@ pub struct Recorded {
     /// True when the request id was already in the ledger: nothing was counted again.
     pub duplicate: bool,
     /// False when the ledger has it but the real-time counters could not be updated (the
-    /// spend store was down); the meter rebuilds them from the ledger when it is back.
+    /// spend store was down); the meter rebuilds them from the ledger when it is back. A
+    /// reservation this commit settled then holds its budget until it expires.
     pub counted: bool,
 }
 
@@ -360,12 +367,21 @@ impl MeterBuilder {
                 format!("{} is outside 0 to 1", self.config.projection_min_elapsed),
             ));
         }
+        let ttl = self.config.reservation_ttl;
+        if ttl.is_zero() || ttl > Duration::from_secs(86_400) {
+            return Err(Error::invalid(
+                "reservation_ttl",
+                format!("{ttl:?} is outside 1 ms to 1 day"),
+            ));
+        }
+        let clock = self.clock.unwrap_or_else(|| Arc::new(Timestamp::now));
+        let store_clock = clock.clone();
         let meter = Meter {
             tz,
             prices: self.prices,
             spend: self
                 .spend
-                .unwrap_or_else(|| Arc::new(MemorySpendStore::new())),
+                .unwrap_or_else(|| Arc::new(MemorySpendStore::with_clock(move || store_clock()))),
             ledger: self.ledger.unwrap_or_else(|| Arc::new(MemoryLedger::new())),
             sinks: Arc::new(self.sinks),
             budgets: RwLock::new(Arc::new(BudgetSet {
@@ -375,7 +391,7 @@ impl MeterBuilder {
             })),
             fired: Mutex::new(HashSet::new()),
             counters_stale: AtomicBool::new(false),
-            clock: self.clock.unwrap_or_else(|| Arc::new(Timestamp::now)),
+            clock,
             counters: Counters::new(),
             config: self.config,
         };
@@ -389,11 +405,19 @@ impl MeterBuilder {
 
 /// The key a budget is stored under: one budget per scope and period.
 fn budget_key(budget: &Budget) -> String {
-    let period = match budget.period {
+    format!(
+        "{}|{}",
+        budget.scope.key_fragment(),
+        period_id(budget.period)
+    )
+}
+
+/// `day`, `week`, `month`, or `rolling<seconds>`.
+fn period_id(period: Period) -> String {
+    match period {
         Period::Rolling(length) => format!("rolling{}", length.as_secs()),
         other => other.name().to_owned(),
-    };
-    format!("{}|{period}", budget.scope.key_fragment())
+    }
 }
 
 impl Meter {
@@ -431,7 +455,9 @@ impl Meter {
 
     /// Re-reads the budgets from the store. Budgets are never deleted (a budget is switched
     /// off with [`Mode::Off`](super::Mode::Off)), so one this meter knows that the store has
-    /// lost (a Redis restart without persistence) is saved again.
+    /// lost (a Redis restart without persistence) is saved again. A period kind this process
+    /// did not count before is counted from now on, and its current window raised to the
+    /// ledger's sums.
     async fn reload_budgets(&self) -> Result<Arc<BudgetSet>> {
         let mut stored = self.spend.budgets().await?;
         let known = self
@@ -443,7 +469,7 @@ impl Meter {
             let key = budget_key(lost);
             if !stored.iter().any(|b| budget_key(b) == key) {
                 tracing::warn!(budget = %key, "the spend store lost a budget; saving it again");
-                self.spend.save_budget(&key, lost).await?;
+                self.spend.restore_budget(&key, lost).await?;
                 stored.push(lost.clone());
             }
         }
@@ -459,16 +485,28 @@ impl Meter {
             .map(|p| (CounterSpec::new(p, &self.config.time_zone), self.tz.clone()))
             .collect();
         for budget in &budgets {
-            if !specs.iter().any(|(spec, _)| *spec == budget.spec) {
+            if !specs.iter().any(|(spec, _)| spec.id == budget.spec.id) {
                 specs.push((budget.spec.clone(), budget.tz.clone()));
             }
         }
+        let new_specs: Vec<(CounterSpec, TimeZone)> = specs
+            .iter()
+            .filter(|(spec, _)| !known.specs.iter().any(|(k, _)| k.id == spec.id))
+            .cloned()
+            .collect();
         let set = Arc::new(BudgetSet {
             budgets,
             specs,
             loaded: Instant::now(),
         });
         *self.budgets.write().unwrap_or_else(|p| p.into_inner()) = set.clone();
+        // Counted from now on; raise what happened before from the ledger.
+        if !new_specs.is_empty()
+            && let Err(error) = self.raise_from_ledger(&new_specs, None).await
+        {
+            tracing::warn!(%error, "could not raise new spend counters from the ledger");
+            self.counters_stale.store(true, Ordering::Relaxed);
+        }
         Ok(set)
     }
 
@@ -495,7 +533,18 @@ impl Meter {
     /// Prices a usage event into a ledger entry.
     fn entry(&self, usage: Usage) -> Result<LedgerEntry> {
         usage.validate()?;
-        let at = usage.at.unwrap_or_else(|| self.now());
+        let now = self.now();
+        let at = usage.at.unwrap_or(now);
+        let skew = self.config.max_future_skew.as_secs().min(i64::MAX as u64) as i64;
+        if at.as_second() > now.as_second().saturating_add(skew) {
+            return Err(Error::invalid(
+                "at",
+                format!(
+                    "{at} is more than {:?} in the future (now is {now})",
+                    self.config.max_future_skew
+                ),
+            ));
+        }
         let priced = self.prices.price(&usage, at);
         Ok(LedgerEntry {
             request_id: usage.request_id,
@@ -514,9 +563,9 @@ impl Meter {
         })
     }
 
-    /// The counters an entry adds to.
-    fn increments(set: &BudgetSet, entry: &LedgerEntry) -> Vec<Increment> {
-        if entry.cost.micros() == 0 {
+    /// The counters an entry adds `amount` to.
+    fn increments(set: &BudgetSet, entry: &LedgerEntry, amount: MicroUsd) -> Vec<Increment> {
+        if amount.micros() == 0 {
             return Vec::new();
         }
         let scopes = Scope::of_event(&entry.service, &entry.user);
@@ -527,7 +576,7 @@ impl Meter {
             for scope in &scopes {
                 increments.push(Increment {
                     key: spec.key(scope, bucket),
-                    amount: entry.cost.micros(),
+                    amount: amount.micros(),
                     expires,
                 });
             }
@@ -581,7 +630,21 @@ impl Meter {
         let watched: Vec<&ResolvedBudget> =
             Self::applicable(&set, &entry.service, &entry.user).collect();
         let watch: Vec<Vec<String>> = watched.iter().map(|b| b.counter_keys(now)).collect();
-        let increments = Self::increments(&set, &entry);
+        let amount = match reservation {
+            // A duplicate older than the store's dedup window was counted long ago (or by a
+            // rebuild since): it must not count again after its request id was forgotten.
+            _ if recorded.duplicate
+                && now.as_second() - entry.at.as_second()
+                    > super::DEDUP_WINDOW.as_secs() as i64 =>
+            {
+                MicroUsd::ZERO
+            }
+            // An unpriced call still spends its reservation, so unknown models cannot slip
+            // past a hard budget. (The ledger keeps it as unpriced; a rebuild drops it.)
+            Some(reservation) if !entry.priced => reservation.estimate,
+            _ => entry.cost,
+        };
+        let increments = Self::increments(&set, &entry, amount);
         let reservation = reservation
             .filter(|r| !r.pools.is_empty())
             .map(|r| (r.id.as_str(), r.pools.as_slice()));
@@ -623,83 +686,68 @@ impl Meter {
     }
 
     /// Raises every counter of the current windows back to what the ledger says: after the
-    /// spend store lost its state or missed increments. Rolling windows are left to refill.
+    /// spend store lost its state or missed increments.
     async fn rebuild_counters(&self, set: &BudgetSet) {
-        let now = self.now();
-        let mut values = Vec::new();
-        for (spec, tz) in &set.specs {
-            if matches!(spec.period, Period::Rolling(_)) {
-                continue;
+        match self.raise_from_ledger(&set.specs, None).await {
+            Ok(count) => tracing::info!(counters = count, "spend counters rebuilt from the ledger"),
+            Err(error) => {
+                tracing::warn!(%error, "could not rebuild spend counters from the ledger");
+                self.counters_stale.store(true, Ordering::Relaxed);
             }
-            let window = spec.period.window(now, tz);
-            let summary = match self
-                .ledger
-                .summarize(&LedgerQuery::between(window.start, window.end))
-                .await
-            {
-                Ok(summary) => summary,
-                Err(error) => {
-                    tracing::warn!(%error, "could not read the ledger to rebuild spend counters");
-                    self.counters_stale.store(true, Ordering::Relaxed);
-                    return;
-                }
-            };
-            let scopes = std::iter::once((Scope::Global, summary.totals.cost))
-                .chain(
-                    summary
-                        .by_service
-                        .iter()
-                        .map(|g| (Scope::Service(g.key.clone()), g.totals.cost)),
-                )
-                .chain(
-                    summary
-                        .by_user
-                        .iter()
-                        .map(|g| (Scope::User(g.key.clone()), g.totals.cost)),
-                );
-            for (scope, cost) in scopes {
-                let (key, expires) = spec.event_key(&scope, now, tz);
-                values.push(Increment {
-                    key,
-                    amount: cost.micros(),
-                    expires,
-                });
-            }
-        }
-        if let Err(error) = self.spend.raise(&values).await {
-            tracing::warn!(%error, "could not rebuild spend counters");
-            self.counters_stale.store(true, Ordering::Relaxed);
-        } else {
-            tracing::info!(
-                counters = values.len(),
-                "spend counters rebuilt from the ledger"
-            );
         }
     }
 
-    /// Raises the budget's counter for its current window to the ledger's spend.
-    async fn seed_budget(&self, budget: &ResolvedBudget) -> Result<()> {
-        if budget.window(self.now()).rolling {
-            return Ok(());
+    /// Raises the counters of `specs` in their current windows (each bucket of a rolling
+    /// one) to the ledger's sums, for every scope or for `only` one. Returns how many
+    /// counters it raised.
+    async fn raise_from_ledger(
+        &self,
+        specs: &[(CounterSpec, TimeZone)],
+        only: Option<&Scope>,
+    ) -> Result<usize> {
+        let now = self.now();
+        let mut values = Vec::new();
+        for (spec, tz) in specs {
+            for (from, to) in spec.window_buckets(now, tz) {
+                let mut query = LedgerQuery::between(from, to);
+                match only {
+                    Some(Scope::Service(service)) => query.service = Some(service.clone()),
+                    Some(Scope::User(user)) => query.user = Some(user.clone()),
+                    _ => {}
+                }
+                let summary = self.ledger.summarize(&query).await?;
+                let sums: Vec<(Scope, MicroUsd)> = match only {
+                    Some(scope) => vec![(scope.clone(), summary.totals.cost)],
+                    None => std::iter::once((Scope::Global, summary.totals.cost))
+                        .chain(
+                            summary
+                                .by_service
+                                .iter()
+                                .map(|g| (Scope::Service(g.key.clone()), g.totals.cost)),
+                        )
+                        .chain(
+                            summary
+                                .by_user
+                                .iter()
+                                .map(|g| (Scope::User(g.key.clone()), g.totals.cost)),
+                        )
+                        .collect(),
+                };
+                let (bucket, expires) = spec.event_bucket(from, tz);
+                values.extend(sums.into_iter().filter(|(_, cost)| cost.micros() > 0).map(
+                    |(scope, cost)| Increment {
+                        key: spec.key(&scope, bucket),
+                        amount: cost.micros(),
+                        expires,
+                    },
+                ));
+            }
         }
-        let window = budget.window(self.now());
-        let mut query = LedgerQuery::between(window.start, window.end);
-        match &budget.budget.scope {
-            Scope::Global => {}
-            Scope::Service(service) => query.service = Some(service.clone()),
-            Scope::User(user) => query.user = Some(user.clone()),
+        // In slices, so one script never holds Redis for long.
+        for slice in values.chunks(1_000) {
+            self.spend.raise(slice).await?;
         }
-        let spent = self.ledger.summarize(&query).await?.totals.cost;
-        let (key, expires) = budget
-            .spec
-            .event_key(&budget.budget.scope, window.start, &budget.tz);
-        self.spend
-            .raise(&[Increment {
-                key,
-                amount: spent.micros(),
-                expires,
-            }])
-            .await
+        Ok(values.len())
     }
 
     fn status(
@@ -755,6 +803,16 @@ impl Meter {
         let ttl = alert_ttl(&window, now);
         let entity = budget.budget.scope.to_string();
         let used = percent(spent, amount);
+        let period = period_id(budget.budget.period);
+        // A rolling window has no start of its own: alert at most once per window length.
+        let period_start = match budget.budget.period {
+            Period::Rolling(length) => {
+                let length = length.as_secs().max(1) as i64;
+                Timestamp::from_second(now.as_second().div_euclid(length) * length)
+                    .unwrap_or(window.start)
+            }
+            _ => window.start,
+        };
         for &threshold in budget.budget.thresholds.iter().rev() {
             if (spent.micros() as i128) * 100 < threshold as i128 * amount.micros() as i128 {
                 continue;
@@ -764,7 +822,8 @@ impl Meter {
                 entity: entity.clone(),
                 scope: Some(budget.budget.scope.clone()),
                 threshold: Some(threshold),
-                period_start: window.start,
+                period: period.clone(),
+                period_start,
                 spent,
                 budget: Some(amount),
                 percent_used: used,
@@ -793,7 +852,8 @@ impl Meter {
                     entity: entity.clone(),
                     scope: Some(budget.budget.scope.clone()),
                     threshold: None,
-                    period_start: window.start,
+                    period,
+                    period_start,
                     spent,
                     budget: Some(amount),
                     percent_used: used,
@@ -820,6 +880,7 @@ impl Meter {
             entity: entry.model.clone(),
             scope: None,
             threshold: None,
+            period: "day".to_owned(),
             period_start: day.start,
             spent: MicroUsd::ZERO,
             budget: None,
@@ -868,14 +929,22 @@ impl Meter {
         self.counters.alerts.add(1);
         let sinks = self.sinks.clone();
         let failures = self.counters.alert_failures.clone();
-        tokio::spawn(async move {
+        let deliver = async move {
             for sink in sinks.iter() {
                 if let Err(error) = sink.send(&alert).await {
                     failures.add(1);
                     tracing::warn!(%error, ?sink, kind = alert.kind.as_str(), "alert not delivered");
                 }
             }
-        });
+        };
+        // In the background on Tokio, so a slow webhook never holds up a record; inline on
+        // another executor.
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(deliver);
+            }
+            Err(_) => deliver.await,
+        }
     }
 
     fn report_window(&self, period: ReportPeriod, now: Timestamp) -> (Timestamp, Timestamp) {
@@ -945,12 +1014,13 @@ impl Meter {
         Ok(found)
     }
 
-    /// Runs [`CostMeter::check_anomalies`] every `every` until the returned handle is
-    /// aborted (or the meter dropped), so anomaly alerts fire on their own.
+    /// Runs [`CostMeter::check_anomalies`] every `every` (at least a second) until the
+    /// returned handle is aborted or the meter dropped, so anomaly alerts fire on their own.
+    /// Must be called inside a Tokio runtime.
     pub fn spawn_anomaly_checks(self: &Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
         let meter = Arc::downgrade(self);
         tokio::spawn(async move {
-            let mut ticker = tokio::time::interval(every);
+            let mut ticker = tokio::time::interval(every.max(Duration::from_secs(1)));
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 ticker.tick().await;
@@ -1070,11 +1140,29 @@ impl CostMeter for Meter {
                 limit: b.budget.amount.micros(),
             })
             .collect();
-        match self
+        // Counters that missed events (the store was down) are rebuilt before they decide.
+        if self.counters_stale.swap(false, Ordering::Relaxed) {
+            self.rebuild_counters(&set).await;
+        }
+        let mut outcome = self
             .spend
             .reserve(&id, estimate.micros(), ttl, &checks)
-            .await?
-        {
+            .await?;
+        if outcome == ReserveOutcome::Rebuild {
+            // The store lost its state: restore budgets and counters, then decide.
+            let set = self.reload_budgets().await?;
+            self.rebuild_counters(&set).await;
+            outcome = self
+                .spend
+                .reserve(&id, estimate.micros(), ttl, &checks)
+                .await?;
+        }
+        match outcome {
+            ReserveOutcome::Rebuild => Err(Error::Backend {
+                backend: "cost store",
+                operation: "reserve",
+                source: "the spend store lost its state twice in a row".into(),
+            }),
             ReserveOutcome::Granted => {
                 self.counters.granted.add(1);
                 Ok(reservation)
@@ -1101,6 +1189,18 @@ impl CostMeter for Meter {
     }
 
     async fn commit(&self, reservation: &Reservation, usage: Usage) -> Result<Recorded> {
+        if usage.service != reservation.spender.service || usage.user != reservation.spender.user {
+            return Err(Error::invalid(
+                "usage",
+                format!(
+                    "is for service {:?} and user {:?}, but the reservation is for service {:?} and user {:?}",
+                    crate::error::excerpt(&usage.service),
+                    crate::error::excerpt(&usage.user),
+                    reservation.spender.service,
+                    reservation.spender.user
+                ),
+            ));
+        }
         let entry = self.entry(usage)?;
         self.book(entry, Some(reservation)).await
     }
@@ -1120,8 +1220,13 @@ impl CostMeter for Meter {
         self.spend
             .save_budget(&budget_key(&budget), &budget)
             .await?;
-        self.seed_budget(&resolved).await?;
+        // Count its period from now on, then raise its window to what the ledger already has.
         let set = self.reload_budgets().await?;
+        self.raise_from_ledger(
+            &[(resolved.spec.clone(), resolved.tz.clone())],
+            Some(&resolved.budget.scope),
+        )
+        .await?;
         let key = budget_key(&budget);
         self.statuses(&set, |b| budget_key(&b.budget) == key)
             .await?
@@ -1282,6 +1387,7 @@ impl CostMeter for Meter {
                 entity: entity.clone(),
                 scope: None,
                 threshold: None,
+                period: width.to_owned(),
                 period_start: anomaly.bucket,
                 spent: anomaly.cost,
                 budget: None,

@@ -66,8 +66,12 @@ impl ModelPrice {
         }
     }
 
-    /// What `usage` costs at these prices, rounded to the micro-dollar, as the source says.
-    fn cost_of(&self, usage: &Usage, source: UsageSource) -> MicroUsd {
+    /// What `usage` costs at these prices, rounded to the micro-dollar, as the source says;
+    /// `None` when it has units and the model has no unit price.
+    fn cost_of(&self, usage: &Usage, source: UsageSource) -> Option<MicroUsd> {
+        if usage.units > 0 && self.unit_price == 0 {
+            return None;
+        }
         let (input, output) = match source {
             UsageSource::Batch => (
                 self.batch_input.unwrap_or(self.input),
@@ -81,10 +85,10 @@ impl ModelPrice {
             + cached as i128 * self.cached_input.unwrap_or(input) as i128
             + usage.output_tokens as i128 * output as i128;
         let units = usage.units as i128 * self.unit_price as i128;
-        MicroUsd::from_micros(
+        Some(MicroUsd::from_micros(
             round_div(per_million, 1_000_000)
                 .saturating_add(units.clamp(0, i64::MAX as i128) as i64),
-        )
+        ))
     }
 
     fn validate(&self) -> Result<()> {
@@ -198,7 +202,7 @@ impl PriceTable {
             Some(cost) => Some(cost),
             None => self
                 .lookup(&usage.model, at)
-                .map(|p| p.cost_of(usage, usage.source)),
+                .and_then(|p| p.cost_of(usage, usage.source)),
         };
         match known {
             None => Priced {
@@ -308,6 +312,12 @@ mod tests {
         let now = at(date(2026, 11, 1));
         let unknown = Usage::new("r", "s", "u", "mystery-model").tokens(1000, 1000);
         assert!(!table.price(&unknown, now).priced);
+        // Units on a model without a unit price are unknown too, not free.
+        let images = Usage::new("r", "s", "u", "gpt-4o").units(3);
+        assert!(!table.price(&images, now).priced);
+        // A snapshot with prices of its own is not priced as its family.
+        let may = Usage::new("r", "s", "u", "gpt-4o-2024-05-13").tokens(1_000_000, 0);
+        assert_eq!(table.price(&may, now).cost.micros(), 5_000_000);
         let snapshot = Usage::new("r", "s", "u", "gpt-4o-mini-2024-07-18").tokens(1_000_000, 0);
         assert_eq!(table.price(&snapshot, now).cost.micros(), 150_000);
     }

@@ -23,7 +23,8 @@ use crate::redis::{RedisConnection, script};
 /// pool count, increment count, group count, (amount, expire-at seconds) per increment, then
 /// each group's size. Returns `{counted, held, fresh, sums...}`: `counted` is 0 when the
 /// request id was booked already (nothing added); `fresh` means the marker was missing, so
-/// Redis lost its state and the meter rebuilds counters from the ledger.
+/// Redis lost its state: nothing is added, and the meter rebuilds the counters from the
+/// ledger, which already holds the event.
 const BOOK_LUA: &str = r#"
 local id = ARGV[1]
 local pools, incs, groups = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
@@ -50,9 +51,11 @@ local counted = 0
 if redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[2]) then
   counted = 1
 end
+-- After a loss of state the meter raises every counter to the ledger, which has this event.
+local add = counted == 1 and fresh == 0
 local a = 6
 for i = 1, incs do
-  if counted == 1 then
+  if add then
     local key = KEYS[2 + pools + i]
     redis.call('INCRBY', key, ARGV[a])
     redis.call('EXPIREAT', key, ARGV[a + 1])
@@ -105,24 +108,30 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 }
 
 /// Reserves ARGV[2] micro-dollars under id ARGV[1] for ARGV[3] ms in every pool, if every
-/// check fits. KEYS: the pools, then each check's counters. ARGV[4]: check count, then
-/// (limit, counter count) per check. Returns `{1}` or `{0, check index, spent, reserved}`.
+/// check fits. KEYS: the state marker, the pools, then each check's counters. ARGV[4]: check
+/// count, then (limit, counter count) per check. Returns `{1}`, `{0, check index, spent,
+/// reserved}`, or `{-1}` when the marker was missing (Redis lost its state: the meter
+/// rebuilds the counters and tries again).
 const RESERVE_LUA: &str = concat!(
     reserved_lua!(),
     r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('SET', KEYS[1], '1')
+  return {-1}
+end
 local id, amount, ttl, checks = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local k = checks + 1
+local k = checks + 2
 for c = 1, checks do
   local limit, count = tonumber(ARGV[3 + 2 * c]), tonumber(ARGV[4 + 2 * c])
   local spent = sum(k, count)
   k = k + count
-  local held = reserved(KEYS[c], now)
+  local held = reserved(KEYS[c + 1], now)
   if spent + held + amount > limit then
     return {0, c - 1, spent, held}
   end
 end
 local value = ARGV[2] .. ':' .. string.format('%.0f', now + ttl)
-for c = 1, checks do
+for c = 2, checks + 1 do
   redis.call('HSET', KEYS[c], id, value)
   if redis.call('PTTL', KEYS[c]) < ttl then redis.call('PEXPIRE', KEYS[c], ttl) end
 end
@@ -246,6 +255,14 @@ impl RedisSpendStore {
     }
 }
 
+fn budget_json(key: &str, budget: &Budget) -> Result<String> {
+    serde_json::to_string(budget).map_err(|e| Error::Codec {
+        action: "encode",
+        key: key.to_owned(),
+        source: Box::new(e),
+    })
+}
+
 fn unexpected(operation: &'static str, reply: &impl std::fmt::Debug) -> Error {
     Error::Backend {
         backend: "redis",
@@ -304,6 +321,7 @@ impl SpendStore for RedisSpendStore {
         checks: &[BudgetCheck],
     ) -> Result<ReserveOutcome> {
         let mut invocation = RESERVE.prepare_invoke();
+        invocation.key(self.key("epoch"));
         for check in checks {
             invocation.key(self.key(&check.pool));
         }
@@ -324,6 +342,7 @@ impl SpendStore for RedisSpendStore {
             .await?;
         match reply.as_slice() {
             [1] => Ok(ReserveOutcome::Granted),
+            [-1] => Ok(ReserveOutcome::Rebuild),
             [0, check, spent, reserved] => Ok(ReserveOutcome::Denied {
                 check: usize::try_from(*check).unwrap_or(0),
                 spent: *spent,
@@ -399,16 +418,27 @@ impl SpendStore for RedisSpendStore {
     }
 
     async fn save_budget(&self, key: &str, budget: &Budget) -> Result<()> {
-        let json = serde_json::to_string(budget).map_err(|e| Error::Codec {
-            action: "encode",
-            key: key.to_owned(),
-            source: Box::new(e),
-        })?;
+        let json = budget_json(key, budget)?;
         let _: i64 = self
             .connection
             .query(
                 "cost save budget",
                 redis::cmd("HSET")
+                    .arg(self.key("budgets"))
+                    .arg(key)
+                    .arg(json),
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn restore_budget(&self, key: &str, budget: &Budget) -> Result<()> {
+        let json = budget_json(key, budget)?;
+        let _: i64 = self
+            .connection
+            .query(
+                "cost restore budget",
+                redis::cmd("HSETNX")
                     .arg(self.key("budgets"))
                     .arg(key)
                     .arg(json),

@@ -45,6 +45,9 @@ pub struct BudgetCheck {
 pub enum ReserveOutcome {
     /// Held in every pool.
     Granted,
+    /// Not attempted: the store had lost its state (a restarted Redis). The meter rebuilds
+    /// the counters from the ledger and tries again.
+    Rebuild,
     /// Refused by the check at `check`: `spent + reserved + amount` would pass its limit.
     Denied {
         /// Index of the refusing check.
@@ -124,6 +127,10 @@ pub trait SpendStore: Send + Sync + Debug {
 
     /// Stores a budget under `key`, replacing the one there.
     async fn save_budget(&self, key: &str, budget: &Budget) -> Result<()>;
+
+    /// Stores a budget under `key` only if there is none (restoring one the store lost,
+    /// without overwriting a newer one another process saved meanwhile).
+    async fn restore_budget(&self, key: &str, budget: &Budget) -> Result<()>;
 
     /// Every stored budget.
     async fn budgets(&self) -> Result<Vec<Budget>>;
