@@ -93,6 +93,26 @@ pub enum Error {
         retry_in: Duration,
     },
 
+    /// A remote API refused a call with an HTTP error status, or answered with something that
+    /// breaks its contract (malformed JSON, a missing or repeated index, vectors of the wrong
+    /// size). Never carries a credential.
+    #[error("{backend} API {}: {message}", api_phrase(*status, kind.as_deref(), code.as_deref()))]
+    Api {
+        /// The API ("openai", ...).
+        backend: &'static str,
+        /// The HTTP status; a 2xx status means the answer itself was not valid.
+        status: u16,
+        /// The error's `type`, when the API gave one (`invalid_request_error`,
+        /// `insufficient_quota`, ...).
+        kind: Option<String>,
+        /// The error's `code`, when the API gave one (`rate_limit_exceeded`,
+        /// `invalid_api_key`, ...).
+        code: Option<String>,
+        /// What the API said (secrets removed, truncated if long), or what was wrong with its
+        /// answer.
+        message: String,
+    },
+
     /// A statement failed in the database (or its connection broke).
     #[error("postgres statement {statement:?} failed{}", code.as_deref().map(|c| format!(" (SQLSTATE {c})")).unwrap_or_default())]
     Database {
@@ -178,7 +198,8 @@ impl Error {
         )
     }
 
-    /// True when a backend failed, timed out, or was skipped by its open circuit breaker.
+    /// True when a backend failed, timed out, was skipped by its open circuit breaker, or (for
+    /// a remote API) refused the call.
     pub fn is_backend(&self) -> bool {
         matches!(
             self,
@@ -187,7 +208,14 @@ impl Error {
                 | Error::Unavailable { .. }
                 | Error::Database { .. }
                 | Error::PoolExhausted { .. }
+                | Error::Api { .. }
         )
+    }
+
+    /// True when a remote API refused a call or answered against its contract; the variant's
+    /// `status`, `kind` and `code` say how.
+    pub fn is_api_error(&self) -> bool {
+        matches!(self, Error::Api { .. })
     }
 
     /// True when a hard budget refused a reservation.
@@ -211,6 +239,23 @@ impl Error {
         Error::Corrupt {
             reason: reason.to_string(),
         }
+    }
+}
+
+/// `answered HTTP 429 (insufficient_quota)`, or for a 2xx status `answered HTTP 200 with an
+/// invalid response`: how an API error reads in a sentence.
+fn api_phrase(status: u16, kind: Option<&str>, code: Option<&str>) -> String {
+    if status < 300 {
+        return format!("answered HTTP {status} with an invalid response");
+    }
+    let details: Vec<&str> = match (kind, code) {
+        (Some(k), Some(c)) if k == c => vec![k],
+        (k, c) => k.into_iter().chain(c).collect(),
+    };
+    if details.is_empty() {
+        format!("answered HTTP {status}")
+    } else {
+        format!("answered HTTP {status} ({})", details.join(", "))
     }
 }
 
@@ -261,5 +306,17 @@ mod tests {
         };
         assert!(t.is_timeout() && t.is_backend());
         assert_eq!(t.to_string(), "redis probe timed out after 50ms");
+        let api = Error::Api {
+            backend: "openai",
+            status: 429,
+            kind: Some("insufficient_quota".into()),
+            code: Some("insufficient_quota".into()),
+            message: "You exceeded your current quota".into(),
+        };
+        assert!(api.is_api_error() && api.is_backend() && !api.is_invalid_input());
+        assert_eq!(
+            api.to_string(),
+            "openai API answered HTTP 429 (insufficient_quota): You exceeded your current quota"
+        );
     }
 }

@@ -7,6 +7,7 @@
 //! |---|---|
 //! | [`cache`] | [`TieredCache`](cache::TieredCache): an in-process L0 (moka) in front of Redis hot/warm/cold tiers, one round trip per read, tag invalidation by timestamp, lz4 compression, promotion of hot entries |
 //! | [`codec`] | the versioned envelope every cached value is stored in |
+//! | [`embed`] | [`Batcher`](embed::Batcher): single-text embedding calls from many callers merged into API calls (size, window, token budget), deduplicated three ways, cached, each caller's share of the cost recorded; [`Embedder`](embed::Embedder) with a local deterministic embedder and `OpenAiEmbedder` (feature `openai`) |
 //! | [`cost`] | [`Meter`](cost::Meter): usage priced from a dated price table into an idempotent ledger, budgets per user, service and globally with hard enforcement by reservation, alerts, anomalies, projections, reports, CSV, HTTP routes |
 //! | `redis` | [`RedisConnection`](crate::redis::RedisConnection): one shared multiplexed connection with a deadline on every operation and a circuit breaker (feature `redis`) |
 //! | [`repo`] | [`PgPool`](repo::PgPool): pooled Postgres (bb8 + tokio-postgres) with a statement cache, slow-query log, transactions with retries, a read replica; [`CachedRepo`](repo::CachedRepo) over the tiered cache (feature `postgres`) |
@@ -54,6 +55,7 @@
 //! | `redis` | Redis shared tiers ([`cache::RedisTiers`]), [`redis::RedisConnection`], `cost::RedisSpendStore` |
 //! | `postgres` | [`repo::PgPool`], [`repo::PooledRepo`], [`repo::CachedRepo`], `cost::PgLedger` |
 //! | `axum` | `cost::CostRoutes`: the cost endpoints as an axum `Router` |
+//! | `openai` | `embed::OpenAiEmbedder`: the OpenAI embeddings API or a compatible server (reqwest with rustls) |
 //! | `webhook` | `cost::WebhookSink`: HMAC-signed alert webhooks (reqwest with rustls) |
 //! | `full` | every backend |
 //!
@@ -72,10 +74,16 @@
 pub mod cache;
 pub mod codec;
 pub mod cost;
+pub mod embed;
 mod error;
 mod random;
 #[cfg_attr(
-    not(any(feature = "redis", feature = "postgres", feature = "webhook")),
+    not(any(
+        feature = "redis",
+        feature = "postgres",
+        feature = "webhook",
+        feature = "openai"
+    )),
     allow(dead_code)
 )]
 mod redact;

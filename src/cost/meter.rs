@@ -241,6 +241,10 @@ pub trait CostMeter: Send + Sync + fmt::Debug {
     /// The selected ledger events as RFC 4180 CSV, streamed.
     fn export_csv(&self, query: &LedgerQuery) -> BoxStream<'static, Result<Bytes>>;
 
+    /// What `usage` would cost at the prices in effect now: for the estimate a caller
+    /// reserves before a call. `None` when its model has no price.
+    fn estimate(&self, usage: &Usage) -> Option<MicroUsd>;
+
     /// Activity counters.
     fn stats(&self) -> CostStats;
 }
@@ -1408,6 +1412,11 @@ impl CostMeter for Meter {
 
     fn export_csv(&self, query: &LedgerQuery) -> BoxStream<'static, Result<Bytes>> {
         super::csv::encode(self.ledger.entries(query))
+    }
+
+    fn estimate(&self, usage: &Usage) -> Option<MicroUsd> {
+        let priced = self.prices.price(usage, self.now());
+        priced.priced.then_some(priced.cost)
     }
 
     fn stats(&self) -> CostStats {

@@ -101,6 +101,8 @@ pub struct CircuitBreaker {
     window_failures: AtomicU32,
     open_until_ms: AtomicU64,
     probes: AtomicU32,
+    /// When the last probe was let through.
+    probe_started_ms: AtomicU64,
     opened: AtomicU64,
     rejected: AtomicU64,
     failures: AtomicU64,
@@ -120,6 +122,7 @@ impl CircuitBreaker {
             window_failures: AtomicU32::new(0),
             open_until_ms: AtomicU64::new(0),
             probes: AtomicU32::new(0),
+            probe_started_ms: AtomicU64::new(0),
             opened: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
             failures: AtomicU64::new(0),
@@ -156,6 +159,15 @@ impl CircuitBreaker {
     }
 
     fn try_probe(&self) -> Option<Admission> {
+        let now = self.now_ms();
+        // A probe whose caller was cancelled never reports: after a cool-down's length (at
+        // least a second) its slot is given back, so the breaker cannot stay half-open.
+        let lease = (self.config.cool_down.as_millis() as u64).max(1_000);
+        if self.probes.load(Ordering::Acquire) >= self.config.half_open_probes.max(1)
+            && now.saturating_sub(self.probe_started_ms.load(Ordering::Acquire)) >= lease
+        {
+            self.probes.store(0, Ordering::Release);
+        }
         let taken = self
             .probes
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |p| {
@@ -164,8 +176,10 @@ impl CircuitBreaker {
             .is_ok();
         if !taken {
             self.rejected.fetch_add(1, Ordering::Relaxed);
+            return None;
         }
-        taken.then_some(Admission { probe: true })
+        self.probe_started_ms.store(now, Ordering::Release);
+        Some(Admission { probe: true })
     }
 
     /// Records the outcome of a call that [`allow`](Self::allow) let through.
@@ -174,7 +188,10 @@ impl CircuitBreaker {
             self.failures.fetch_add(1, Ordering::Relaxed);
         }
         if admission.probe {
-            self.probes.fetch_sub(1, Ordering::AcqRel);
+            // Saturating: a late probe may report after its slot was given back.
+            let _ = self
+                .probes
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |p| p.checked_sub(1));
             if success {
                 self.close();
             } else {
@@ -323,6 +340,22 @@ mod tests {
         let stats = breaker.stats();
         assert_eq!((stats.opened, stats.failures), (2, 4));
         assert!(stats.rejected >= 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_that_never_reports_gives_its_slot_back_after_a_cool_down() {
+        let breaker = CircuitBreaker::new("openai", config());
+        for _ in 0..3 {
+            breaker.record(breaker.allow().unwrap(), false);
+        }
+        tokio::time::advance(Duration::from_millis(5_100)).await;
+        // The probe's caller goes away before recording its outcome.
+        let _cancelled = breaker.allow().expect("a probe");
+        assert!(breaker.allow().is_none(), "the slot is still taken");
+        tokio::time::advance(Duration::from_millis(5_100)).await;
+        let probe = breaker.allow().expect("the slot came back");
+        breaker.record(probe, true);
+        assert_eq!(breaker.state(), BreakerState::Closed);
     }
 
     #[tokio::test(start_paused = true)]
