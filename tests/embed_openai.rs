@@ -863,3 +863,124 @@ async fn debug_output_never_contains_the_key() {
         "{shown}"
     );
 }
+
+/// The batcher over the client over the mock server: the whole path a host uses.
+mod through_the_batcher {
+    use super::*;
+    use pupkit::cache::{Tiered, TieredConfig};
+    use pupkit::cost::{CostMeter, Meter, MicroUsd, ReportPeriod, Spender};
+    use pupkit::embed::{Batcher, BatcherConfig, EmbeddingBatcher};
+
+    async fn stack(batch_size: usize) -> (Arc<Mock>, Arc<Batcher>, Arc<Meter>) {
+        let (mock, url) = start().await;
+        let client = OpenAiEmbedder::new(config(&url)).unwrap();
+        let cache: Tiered<Vec<f32>> = Tiered::builder(TieredConfig::named("embeddings"))
+            .memory_tiers(64 << 20)
+            .build()
+            .unwrap();
+        let meter = Arc::new(Meter::builder().build().await.unwrap());
+        let mut batcher = BatcherConfig::default();
+        batcher.batch_size = batch_size;
+        let batcher = Batcher::builder(batcher)
+            .embedder(Arc::new(client))
+            .cache(Arc::new(cache))
+            .meter(meter.clone())
+            .build()
+            .unwrap();
+        (mock, Arc::new(batcher), meter)
+    }
+
+    async fn embed_all(
+        batcher: &Arc<Batcher>,
+        texts: &[String],
+    ) -> Vec<pupkit::Result<pupkit::embed::Embedding>> {
+        let tasks: Vec<_> = texts
+            .iter()
+            .enumerate()
+            .map(|(i, text)| {
+                let batcher = batcher.clone();
+                let text = text.clone();
+                let user = format!("user-{}", i % 7);
+                tokio::spawn(
+                    async move { batcher.embed(&text, &Spender::new("search", user)).await },
+                )
+            })
+            .collect();
+        let mut out = Vec::new();
+        for task in tasks {
+            out.push(task.await.unwrap());
+        }
+        out
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_thousand_callers_with_30_percent_duplicates_make_ceil_unique_over_ten_calls() {
+        let (mock, batcher, meter) = stack(10).await;
+        let texts: Vec<String> = (0..1000)
+            .map(|i| {
+                format!(
+                    "support ticket {}",
+                    if i < 700 { i } else { (i * 13) % 700 }
+                )
+            })
+            .collect();
+        for (outcome, text) in embed_all(&batcher, &texts).await.into_iter().zip(&texts) {
+            let embedding = outcome.unwrap();
+            assert_eq!(
+                *embedding.vector,
+                expected(text, DEFAULT_DIMENSIONS),
+                "{text}"
+            );
+        }
+        assert_eq!(mock.requests(), 70, "ceil(700 unique / 10)");
+        let seen = mock.seen();
+        assert!(seen.iter().all(|s| s.input.len() <= 10));
+        let mut sent: Vec<&String> = seen.iter().flat_map(|s| &s.input).collect();
+        sent.sort();
+        sent.dedup();
+        assert_eq!(sent.len(), 700, "each unique text sent once");
+        let first = meter.report(ReportPeriod::Day).await.unwrap();
+        assert_eq!(first.totals.requests, 1000);
+        // The same texts again: the cache answers, the server sees nothing, savings recorded.
+        for outcome in embed_all(&batcher, &texts).await {
+            assert!(outcome.unwrap().cached);
+        }
+        assert_eq!(mock.requests(), 70, "zero API calls the second time");
+        let second = meter.report(ReportPeriod::Day).await.unwrap();
+        assert_eq!(second.totals.requests, 2000);
+        assert_eq!(
+            second.totals.cost, first.totals.cost,
+            "the cache costs nothing"
+        );
+        assert!(second.savings > first.savings && second.savings > MicroUsd::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_malformed_answer_fails_only_its_batch_and_a_429_is_waited_out() {
+        let (mock, batcher, _meter) = stack(2).await;
+        // The first call gets garbage; the second a 429 with Retry-After, then success.
+        mock.then(|_| Canned::json(200, json!({"object": "list"})));
+        mock.then(|_| rate_limited().header("retry-after", "1"));
+        let texts: Vec<String> = ["a one", "a two", "b one", "b two"]
+            .iter()
+            .map(|t| (*t).to_owned())
+            .collect();
+        let outcomes = embed_all(&batcher, &texts).await;
+        let failed: Vec<bool> = outcomes.iter().map(|o| o.is_err()).collect();
+        assert_eq!(failed, [true, true, false, false], "{outcomes:?}");
+        let error = outcomes[0].as_ref().unwrap_err();
+        let mut chain = error.to_string();
+        let mut source = std::error::Error::source(error);
+        while let Some(next) = source {
+            chain.push_str(&format!(": {next}"));
+            source = next.source();
+        }
+        assert!(chain.contains("invalid response"), "{chain}");
+        assert_eq!(
+            mock.requests(),
+            3,
+            "garbage once, 429 once, then the answer"
+        );
+        assert_eq!(batcher.stats().failed_calls, 1);
+    }
+}
