@@ -6,6 +6,7 @@
 //! | module | what it gives |
 //! |---|---|
 //! | [`cache`] | [`TieredCache`](cache::TieredCache): an in-process L0 (moka) in front of Redis hot/warm/cold tiers, one round trip per read, tag invalidation by timestamp, lz4 compression, promotion of hot entries |
+//! | [`compression`] | HTTP compression for the host's server: Accept-Encoding negotiation (RFC 9110), content-type and size policy, brotli/gzip encoders for bodies and streams, bounded request decompression; `CompressionLayer` for tower/axum (feature `axum`) |
 //! | [`codec`] | the versioned envelope every cached value is stored in |
 //! | [`embed`] | [`Batcher`](embed::Batcher): single-text embedding calls from many callers merged into API calls (size, window, token budget), deduplicated three ways, cached, each caller's share of the cost recorded; [`Embedder`](embed::Embedder) with a local deterministic embedder and `OpenAiEmbedder` (feature `openai`) |
 //! | [`cost`] | [`Meter`](cost::Meter): usage priced from a dated price table into an idempotent ledger, budgets per user, service and globally with hard enforcement by reservation, alerts, anomalies, projections, reports, CSV, HTTP routes |
@@ -54,7 +55,7 @@
 //! |---|---|
 //! | `redis` | Redis shared tiers ([`cache::RedisTiers`]), [`redis::RedisConnection`], `cost::RedisSpendStore` |
 //! | `postgres` | [`repo::PgPool`], [`repo::PooledRepo`], [`repo::CachedRepo`], `cost::PgLedger` |
-//! | `axum` | `cost::CostRoutes`: the cost endpoints as an axum `Router` |
+//! | `axum` | `cost::CostRoutes`: the cost endpoints as an axum `Router`; `compression::CompressionLayer` |
 //! | `openai` | `embed::OpenAiEmbedder`: the OpenAI embeddings API or a compatible server (reqwest with rustls) |
 //! | `webhook` | `cost::WebhookSink`: HMAC-signed alert webhooks (reqwest with rustls) |
 //! | `full` | every backend |
@@ -73,6 +74,7 @@
 
 pub mod cache;
 pub mod codec;
+pub mod compression;
 pub mod cost;
 pub mod embed;
 mod error;
