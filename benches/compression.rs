@@ -1,10 +1,17 @@
 //! pupkit's `CompressionLayer` against tower-http's `CompressionLayer`, in one run, on the
 //! same axum router and the same responses: a ~60 KB and a ~1.2 KB JSON list of chat
 //! messages, each as brotli and as gzip, driven in-process with `oneshot` (no sockets) and
-//! the body collected. The raw baseline is the same router with no compression. Both layers
-//! run at the same levels (brotli quality 4, window 22; gzip 6). After the criterion groups
-//! it prints the sizes, the reduction, each layer's throughput and the ratio, then a sweep of
-//! brotli qualities and gzip levels on the 60 KB body (the numbers behind the defaults).
+//! the body collected. The raw baseline is the same router with no compression layer. Both
+//! layers run at the same levels (brotli quality 4, window 22; gzip 6).
+//!
+//! Each case runs twice: spawned onto a worker of a multi-thread runtime, as hyper serves a
+//! connection (the production case), and on the bench thread in a current-thread runtime,
+//! where glibc's main heap can hand an encoder's freed buffers back to the kernel and fault
+//! them in again on the next response. Then, since one criterion run on a small VM wanders by
+//! ±15%, the two layers run again in alternating batches, and the median of the per-round
+//! ratios is printed too. After the criterion groups it prints the sizes, the reduction, each
+//! layer's throughput and the ratios, then a sweep of brotli qualities and gzip levels on the
+//! 60 KB body (the numbers behind the defaults).
 //!
 //! `cargo bench --bench compression --features axum`
 
@@ -47,140 +54,96 @@ impl Rng {
     fn below(&mut self, n: usize) -> usize {
         (self.next() % n as u64) as usize
     }
-
-    fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
-        items[self.below(items.len())]
-    }
 }
 
-const OPENERS: &[&str] = &[
-    "Sure",
-    "Thanks for waiting",
-    "Good question",
-    "Happy to help",
-    "Of course",
-    "I checked your account",
-    "Let me explain",
-    "Quick update",
-    "Hi again",
-    "Understood",
-    "I see what happened",
-    "Right",
-];
-const SUBJECTS: &[&str] = &[
-    "your order",
-    "the refund",
-    "the invoice for March",
-    "our billing team",
-    "the new password",
-    "the shipping label",
-    "your subscription",
-    "the replacement battery",
-    "the delivery driver",
-    "this week's report",
-    "the second payment",
-    "the warranty claim",
-    "my manager",
-    "the mobile app",
-    "the API key you created",
-    "the support ticket",
-    "the weekend schedule",
-    "the discount code",
-    "your last message",
-    "the export job",
-];
-const VERBS: &[&str] = &[
-    "should arrive",
-    "was approved",
-    "has been moved",
-    "will be reviewed",
-    "failed to sync",
-    "was charged twice",
-    "needs one more signature",
-    "got stuck in customs",
-    "was updated",
-    "can be cancelled",
-    "is still pending",
-    "expired",
-    "was sent again",
-    "is scheduled",
-    "will be refunded",
-    "looks correct",
-    "was flagged by the fraud check",
-    "needs a restart",
-];
-const TIMES: &[&str] = &[
-    "tomorrow morning",
-    "before Friday",
-    "within three business days",
-    "by the end of the month",
-    "later today",
-    "after the holiday",
-    "as soon as the warehouse opens",
-    "next Tuesday",
-    "in about an hour",
-    "overnight",
-    "this afternoon",
-    "once the bank confirms it",
-];
-const FOLLOW_UPS: &[&str] = &[
-    "Could you confirm the email address on the account?",
-    "Is there anything else I can help you with today?",
-    "Please keep the original packaging until it is collected.",
-    "You will get a confirmation email with the tracking number.",
-    "If the problem persists, try clearing the cache and signing in again.",
-    "I have added a note so the next agent sees the whole history.",
-    "Let me know if the new settings work for you.",
-    "The charge should disappear from your statement automatically.",
-    "I can also switch you to the annual plan, which is cheaper.",
-    "We are sorry for the trouble this caused.",
-    "Do you still have the receipt or the order confirmation?",
-    "That usually fixes it, but tell me if it does not.",
-    "Our records show two devices signed in with the same account.",
-    "Which address should we use for the replacement?",
-    "I escalated it and marked it urgent.",
-];
-const USER_LINES: &[&str] = &[
-    "where is my package",
-    "I was billed twice this month",
-    "the app keeps logging me out",
-    "can I change the delivery address",
-    "my discount code does not work",
-    "how do I download last year's invoices",
-    "the tracking page has not changed since Monday",
-    "I never received the password reset email",
-    "can you cancel the second order",
-    "the battery died after two weeks",
-    "why was my card declined",
-    "is the weekend support line open",
-];
+/// The vocabulary of the messages, most frequent first: common English words and the words
+/// of a support chat.
+const WORDS: &str = "\
+the of and to a in is you that it for on with as be this your are was have we can at or \
+not by from but will if they our an all my one so do about there what out up has when \
+more would which their time also just like them some no how get other only new any these \
+been then into need order account please could help make use than now should its very \
+here see first know check thanks over may well because send last team back after two \
+where most work way want still same right sure today day week month year data email \
+number support payment refund issue problem update change plan price card bill invoice \
+address package delivery shipping return item product service app page link login \
+password code error message reply question answer customer user report file system \
+setting option access review request ticket manager store online phone call date morning \
+afternoon evening tomorrow yesterday soon later again already usually often never always \
+maybe perhaps actually really quite almost enough next another each every both either \
+few many much several such own different small large long short early late easy hard \
+clear simple quick full free open close start stop try keep give take show find think \
+feel look seem leave turn move pay buy sell ship cancel confirm receive arrive expect \
+appear follow include continue allow provide create add remove fix test note mention \
+explain understand agree wait happen remember notice decide reach offer suggest require \
+charge approve process track contact resolve escalate schedule cover apply share save \
+load sync restart reset sign sorry glad happy great good bad better best wrong correct \
+possible available current recent previous original final extra second third important \
+usual normal strange specific general personal private public local main whole part side \
+end case point area reason result kind sort type group list form box screen button tab \
+menu version device laptop browser window network server cache database record history \
+profile balance amount total fee tax discount coupon deal sale stock warehouse courier \
+driver label tracking status step detail copy receipt statement person people family \
+friend colleague office home city country street road building floor room desk";
 
-/// A sentence from the parts, with an order number, a price or a time mixed in.
-fn sentence(rng: &mut Rng) -> String {
-    match rng.below(4) {
-        0 => format!(
-            "{}, {} {} {}.",
-            rng.pick(OPENERS),
-            rng.pick(SUBJECTS),
-            rng.pick(VERBS),
-            rng.pick(TIMES)
-        ),
-        1 => format!(
-            "Order #{} for ${}.{:02} {} {}.",
-            100_000 + rng.below(900_000),
-            5 + rng.below(400),
-            rng.below(100),
-            rng.pick(VERBS),
-            rng.pick(TIMES)
-        ),
-        2 => format!(
-            "{} {}, and {} {}.",
-            capitalized(rng.pick(SUBJECTS)),
-            rng.pick(VERBS),
-            rng.pick(SUBJECTS),
-            rng.pick(VERBS)
-        ),
-        _ => rng.pick(FOLLOW_UPS).to_owned(),
+/// Words drawn with Zipf's law (the k-th most frequent word with weight 1/k): not grammar,
+/// but text that compresses like English prose. gzip 6 takes the messages' text alone down by
+/// about 61%, and English prose (the GPL, a changelog) by 62-65%; one repeated sentence would
+/// shrink by 99% and overstate every ratio.
+struct Words {
+    words: Vec<&'static str>,
+    /// Cumulative weights.
+    cumulative: Vec<f64>,
+}
+
+impl Words {
+    fn new() -> Self {
+        let mut words: Vec<&'static str> = Vec::new();
+        for word in WORDS.split_whitespace() {
+            if !words.contains(&word) {
+                words.push(word);
+            }
+        }
+        let mut total = 0.0;
+        let cumulative = (1..=words.len())
+            .map(|rank| {
+                total += 1.0 / rank as f64;
+                total
+            })
+            .collect();
+        Words { words, cumulative }
+    }
+
+    fn word(&self, rng: &mut Rng) -> &'static str {
+        let total = self.cumulative[self.cumulative.len() - 1];
+        let x = (rng.next() >> 11) as f64 / (1u64 << 53) as f64 * total;
+        let index = self.cumulative.partition_point(|&c| c < x);
+        self.words[index.min(self.words.len() - 1)]
+    }
+
+    /// A sentence of `min..=max` words, capitalized and punctuated; now and then with an
+    /// order number and an amount in it.
+    fn sentence(&self, rng: &mut Rng, min: usize, max: usize, end: char) -> String {
+        let count = min + rng.below(max - min + 1);
+        let mut words: Vec<String> = (0..count).map(|_| self.word(rng).to_owned()).collect();
+        if rng.below(6) == 0 {
+            let at = rng.below(count);
+            words.insert(
+                at,
+                format!(
+                    "order #{} of ${}.{:02}",
+                    100_000 + rng.below(900_000),
+                    5 + rng.below(400),
+                    rng.below(100)
+                ),
+            );
+        }
+        let mut sentence = capitalized(&words.join(" "));
+        if rng.below(5) == 0 && count > 8 {
+            sentence.insert(sentence[..sentence.len() / 2].rfind(' ').unwrap_or(0), ',');
+        }
+        sentence.push(end);
+        sentence
     }
 }
 
@@ -207,6 +170,7 @@ struct Message {
 /// (one message more than fits).
 fn chat_json(target: usize, seed: u64) -> Bytes {
     let mut rng = Rng(seed);
+    let words = Words::new();
     let conversation_id = format!("conv_{:016x}", rng.next());
     let mut messages = Vec::new();
     let mut size = 2;
@@ -215,12 +179,13 @@ fn chat_json(target: usize, seed: u64) -> Bytes {
         let index = messages.len();
         let user = index % 2 == 0;
         let content = if user {
-            let line = rng.pick(USER_LINES);
-            format!("{}?", capitalized(line))
+            words.sentence(&mut rng, 4, 14, '?')
         } else {
-            let sentences = 2 + rng.below(4);
-            (0..sentences)
-                .map(|_| sentence(&mut rng))
+            (0..2 + rng.below(7))
+                .map(|_| {
+                    let end = if rng.below(8) == 0 { '!' } else { '.' };
+                    words.sentence(&mut rng, 6, 20, end)
+                })
                 .collect::<Vec<_>>()
                 .join(" ")
         };
@@ -279,18 +244,48 @@ fn request(encoding: Encoding) -> Request<Body> {
         .unwrap()
 }
 
+/// Where a request runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    /// Spawned onto a worker of a multi-thread runtime (2 workers), as hyper runs each
+    /// connection: the production case.
+    Worker,
+    /// On the bench's own thread, in a current-thread runtime (a `flavor = "current_thread"`
+    /// host). Its allocations come from glibc's main heap, which returns freed memory at its
+    /// top to the kernel, so an encoder's buffers can be page-faulted in again per response.
+    CurrentThread,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Worker => "worker",
+            Mode::CurrentThread => "current_thread",
+        }
+    }
+}
+
+const MODES: [Mode; 2] = [Mode::Worker, Mode::CurrentThread];
+
 /// One request through the router, the whole body collected.
-async fn fetch(router: &Router, encoding: Encoding) -> Response<Bytes> {
-    let response = router.clone().oneshot(request(encoding)).await.unwrap();
+async fn fetch(router: Router, encoding: Encoding) -> Response<Bytes> {
+    let response = router.oneshot(request(encoding)).await.unwrap();
     let (parts, body) = response.into_parts();
     let bytes = body.collect().await.unwrap().to_bytes();
     Response::from_parts(parts, bytes)
 }
 
+async fn fetch_in(mode: Mode, router: &Router, encoding: Encoding) -> Response<Bytes> {
+    match mode {
+        Mode::Worker => tokio::spawn(fetch(router.clone(), encoding)).await.unwrap(),
+        Mode::CurrentThread => fetch(router.clone(), encoding).await,
+    }
+}
+
 /// Fetches once and checks the coding and that the body decodes to the original; returns the
 /// compressed size.
 fn checked_size(rt: &Runtime, router: &Router, encoding: Encoding, original: &Bytes) -> usize {
-    let response = rt.block_on(fetch(router, encoding));
+    let response = rt.block_on(fetch(router.clone(), encoding));
     let coding = response
         .headers()
         .get(CONTENT_ENCODING)
@@ -301,8 +296,8 @@ fn checked_size(rt: &Runtime, router: &Router, encoding: Encoding, original: &By
     response.body().len()
 }
 
-fn group(input: &str) -> String {
-    format!("compression_{input}")
+fn group(input: &str, mode: Mode) -> String {
+    format!("compression_{input}_{}", mode.name())
 }
 
 fn function(layer: &str, encoding: Encoding) -> String {
@@ -312,41 +307,106 @@ fn function(layer: &str, encoding: Encoding) -> String {
 struct Sizes {
     input: &'static str,
     original: usize,
-    /// (coding, ours, tower-http's)
+    /// The start of the body, to show what is compressed.
+    sample: String,
+    /// (coding, our size, tower-http's size)
     compressed: Vec<(Encoding, usize, usize)>,
+    /// Per coding, from [`paired`], when its criterion benchmarks ran.
+    paired: Vec<Option<[f64; 3]>>,
 }
 
-fn benches(c: &mut Criterion, rt: &Runtime) -> Vec<Sizes> {
+/// Throughput ratio pupkit / tower-http from alternating batches of requests (~10 ms each) on
+/// the worker runtime, so both see the same moment of a noisy machine; the order swaps every
+/// round. Returns the lower quartile, median and upper quartile of the per-round ratios.
+fn paired(rt: &Runtime, ours: &Router, theirs: &Router, encoding: Encoding) -> [f64; 3] {
+    const ROUNDS: usize = 60;
+    let batch = |router: &Router, n: usize| {
+        let started = Instant::now();
+        rt.block_on(async {
+            for _ in 0..n {
+                std::hint::black_box(fetch_in(Mode::Worker, router, encoding).await);
+            }
+        });
+        started.elapsed().as_secs_f64()
+    };
+    let probe = batch(ours, 5) / 5.0;
+    let n = ((0.01 / probe) as usize).clamp(1, 1_000);
+    let mut ratios: Vec<f64> = (0..ROUNDS)
+        .map(|round| {
+            let (a, b) = if round % 2 == 0 {
+                let a = batch(ours, n);
+                (a, batch(theirs, n))
+            } else {
+                let b = batch(theirs, n);
+                (batch(ours, n), b)
+            };
+            b / a
+        })
+        .collect();
+    ratios.sort_by(f64::total_cmp);
+    [
+        ratios[ROUNDS / 4],
+        ratios[ROUNDS / 2],
+        ratios[3 * ROUNDS / 4],
+    ]
+}
+
+fn benches(c: &mut Criterion, runtimes: &[(Mode, Runtime)], started: Instant) -> Vec<Sizes> {
     let mut all = Vec::new();
     for (seed, (input, target)) in INPUTS.into_iter().enumerate() {
         let body = chat_json(target, 0x9E37_79B9_7F4A_7C15 ^ seed as u64);
         let ours = pupkit_router(body.clone());
         let raw = app(body.clone());
+        let theirs: Vec<Router> = CODINGS
+            .iter()
+            .map(|&(_, level)| tower_http_router(body.clone(), level))
+            .collect();
         let mut sizes = Sizes {
             input,
             original: body.len(),
-            compressed: Vec::new(),
+            sample: String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned(),
+            compressed: CODINGS
+                .iter()
+                .zip(&theirs)
+                .map(|(&(encoding, _), theirs)| {
+                    let rt = &runtimes[0].1;
+                    (
+                        encoding,
+                        checked_size(rt, &ours, encoding, &body),
+                        checked_size(rt, theirs, encoding, &body),
+                    )
+                })
+                .collect(),
+            paired: Vec::new(),
         };
-        let mut group = c.benchmark_group(group(input));
-        group.throughput(Throughput::Bytes(body.len() as u64));
-        for (encoding, level) in CODINGS {
-            let theirs = tower_http_router(body.clone(), level);
-            sizes.compressed.push((
-                encoding,
-                checked_size(rt, &ours, encoding, &body),
-                checked_size(rt, &theirs, encoding, &body),
-            ));
-            group.bench_function(function("pupkit", encoding), |b| {
-                b.to_async(rt).iter(|| fetch(&ours, encoding))
+        for (mode, rt) in runtimes {
+            let mode = *mode;
+            let mut group = c.benchmark_group(group(input, mode));
+            group.throughput(Throughput::Bytes(body.len() as u64));
+            for (&(encoding, _), theirs) in CODINGS.iter().zip(&theirs) {
+                group.bench_function(function("pupkit", encoding), |b| {
+                    b.to_async(rt).iter(|| fetch_in(mode, &ours, encoding))
+                });
+                group.bench_function(function("tower_http", encoding), |b| {
+                    b.to_async(rt).iter(|| fetch_in(mode, theirs, encoding))
+                });
+            }
+            group.bench_function("none", |b| {
+                b.to_async(rt)
+                    .iter(|| fetch_in(mode, &raw, Encoding::Identity))
             });
-            group.bench_function(function("tower_http", encoding), |b| {
-                b.to_async(rt).iter(|| fetch(&theirs, encoding))
-            });
+            group.finish();
         }
-        group.bench_function("none", |b| {
-            b.to_async(rt).iter(|| fetch(&raw, Encoding::Identity))
-        });
-        group.finish();
+        let worker = &runtimes[0].1;
+        let worker_group = group(input, Mode::Worker);
+        sizes.paired = CODINGS
+            .iter()
+            .zip(&theirs)
+            .map(|(&(encoding, _), theirs)| {
+                support::ran_since(&worker_group, &function("pupkit", encoding), started)
+                    .then(|| paired(worker, &ours, theirs, encoding))
+            })
+            .collect();
         all.push(sizes);
     }
     all
@@ -355,73 +415,80 @@ fn benches(c: &mut Criterion, rt: &Runtime) -> Vec<Sizes> {
 fn print_summary(all: &[Sizes], started: Instant) {
     println!("\n== pupkit CompressionLayer vs tower-http CompressionLayer (this run) ==");
     println!(
-        "Same axum router, oneshot + collect; br quality 4 window 22, gzip 6 on both. \
-         Throughput counts original bytes. Target: pupkit >= 0.95x tower-http's throughput \
-         at an equal or better ratio."
+        "Same axum router, oneshot + collect; br quality 4 window 22, gzip 6 on both. MB/s \
+         counts original bytes. Target: pupkit >= 0.95x tower-http's throughput at an equal or \
+         better ratio."
     );
+    let mean = |group: &str, name: &str| {
+        support::ran_since(group, name, started)
+            .then(|| support::mean_ns(group, name))
+            .flatten()
+    };
     for sizes in all {
-        let group = group(sizes.input);
-        let none = (support::ran_since(&group, "none", started))
-            .then(|| support::mean_ns(&group, "none"))
-            .flatten();
-        println!(
-            "\n{} body: {} bytes of JSON{}",
-            sizes.input,
-            sizes.original,
-            none.map(|ns| format!(
-                "; uncompressed through the router: {:.1} us ({:.0} responses/s)",
-                ns / 1e3,
-                1e9 / ns
-            ))
-            .unwrap_or_default()
-        );
+        println!("\n{} body: {} bytes of JSON", sizes.input, sizes.original);
+        println!("  starts: {}...", sizes.sample);
+        let reduction = |size: usize| 100.0 * (1.0 - size as f64 / sizes.original as f64);
         for &(encoding, ours, theirs) in &sizes.compressed {
-            let reduction = |size: usize| 100.0 * (1.0 - size as f64 / sizes.original as f64);
             println!(
-                "  {encoding:>4}: size pupkit {ours} B (-{:.1}%), tower-http {theirs} B (-{:.1}%), \
-                 pupkit/tower-http size {:.3}",
+                "  {encoding} size: pupkit {ours} B (-{:.1}%), tower-http {theirs} B (-{:.1}%), \
+                 pupkit/tower-http {:.3}",
                 reduction(ours),
                 reduction(theirs),
                 ours as f64 / theirs as f64
             );
-            let mean = |layer: &str| {
-                let name = function(layer, encoding);
-                support::ran_since(&group, &name, started)
-                    .then(|| support::mean_ns(&group, &name))
-                    .flatten()
-            };
+        }
+        for mode in MODES {
+            let group = group(sizes.input, mode);
+            let none = mean(&group, "none");
+            println!(
+                "  {} mode{}",
+                mode.name(),
+                none.map(|ns| format!(", uncompressed through the router: {:.1} us", ns / 1e3))
+                    .unwrap_or_default()
+            );
             let rate = |ns: f64| {
                 format!(
-                    "{:.1} us, {:.1} MB/s, {:.0} responses/s",
+                    "{:>7.1} us {:>6.1} MB/s {:>6.0} resp/s",
                     ns / 1e3,
                     sizes.original as f64 / ns * 1e3,
                     1e9 / ns
                 )
             };
-            match (mean("pupkit"), mean("tower_http")) {
-                (Some(a), Some(b)) => println!(
-                    "        pupkit {}; tower-http {}; throughput ratio pupkit/tower-http \
-                     {:.2}x (target >= 0.95x){}",
-                    rate(a),
-                    rate(b),
-                    b / a,
-                    none.map(|n| format!(
-                        "; compression alone (minus the uncompressed path): pupkit {:.1} us, \
-                         tower-http {:.1} us",
-                        (a - n) / 1e3,
-                        (b - n) / 1e3
-                    ))
-                    .unwrap_or_default()
+            for &(encoding, _, _) in &sizes.compressed {
+                match (
+                    mean(&group, &function("pupkit", encoding)),
+                    mean(&group, &function("tower_http", encoding)),
+                ) {
+                    (Some(a), Some(b)) => println!(
+                        "    {encoding:>4}: pupkit {} | tower-http {} | pupkit/tower-http \
+                         throughput {:.2}x (target >= 0.95x)",
+                        rate(a),
+                        rate(b),
+                        b / a
+                    ),
+                    _ => println!("    {encoding:>4}: not run"),
+                }
+            }
+        }
+        println!("  paired (alternating batches, worker mode), pupkit/tower-http throughput:");
+        for (&(encoding, _, _), paired) in sizes.compressed.iter().zip(&sizes.paired) {
+            match paired {
+                Some([low, median, high]) => println!(
+                    "    {encoding:>4}: median {median:.2}x, quartiles {low:.2}x..{high:.2}x \
+                     (target >= 0.95x)"
                 ),
-                _ => println!("        not run"),
+                None => println!("    {encoding:>4}: not run"),
             }
         }
     }
 }
 
-/// Size and median time of `compress` on the 60 KB body at each level.
+/// Size and median time of `compress` on the 60 KB body at each level, after a few warm-up
+/// runs. One level at a time: interleaving brotli and gzip makes each free the other's
+/// buffers back to the kernel, and the sweep would measure page faults.
 fn level_sweep() {
-    const RUNS: usize = 50;
+    const RUNS: usize = 51;
+    const WARM_UP: usize = 5;
     let body = chat_json(INPUTS[0].1, 0x9E37_79B9_7F4A_7C15);
     println!(
         "\n== level sweep: pupkit::compression::compress on the {} B body, median of {RUNS} ==",
@@ -437,14 +504,22 @@ fn level_sweep() {
             _ => config.gzip_level = level,
         }
         let mut size = 0;
-        let mut times: Vec<Duration> = (0..RUNS)
+        let mut rng = Rng(0x5EED);
+        let mut times: Vec<Duration> = (0..WARM_UP + RUNS)
             .map(|_| {
+                // A live block of random size moves the encoder's buffers around the heap:
+                // brotli's speed depends on where its tables land (±30% between runs of
+                // this bench, with no page faults), and the median should not rest on one
+                // placement.
+                let pad = std::hint::black_box(vec![1u8; 64 * rng.below(4096)]);
                 let started = Instant::now();
                 let packed = compress(&body, encoding, &config).unwrap();
                 let elapsed = started.elapsed();
                 size = packed.len();
+                drop(pad);
                 elapsed
             })
+            .skip(WARM_UP)
             .collect();
         times.sort();
         let median = times[RUNS / 2];
@@ -460,16 +535,22 @@ fn level_sweep() {
 
 fn main() {
     let started = Instant::now();
-    let rt = tokio::runtime::Builder::new_current_thread()
+    let worker = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
+    let current = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let runtimes = [(Mode::Worker, worker), (Mode::CurrentThread, current)];
     let mut criterion = Criterion::default()
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(3))
-        .sample_size(30)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2))
+        .sample_size(20)
+        .without_plots()
         .configure_from_args();
-    let sizes = benches(&mut criterion, &rt);
+    let sizes = benches(&mut criterion, &runtimes, started);
     criterion.final_summary();
     print_summary(&sizes, started);
     level_sweep();

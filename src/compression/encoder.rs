@@ -142,12 +142,28 @@ impl fmt::Debug for StreamEncoder {
 impl StreamEncoder {
     /// An encoder for `encoding` at the configured level.
     pub fn new(encoding: Encoding, config: &CompressionConfig) -> Self {
+        StreamEncoder::with_size_hint(encoding, config, None)
+    }
+
+    /// An encoder for a body of `size` bytes when it is known: brotli's window then shrinks
+    /// to fit the body (same output ratio, far less memory to set up for a small body).
+    pub fn with_size_hint(
+        encoding: Encoding,
+        config: &CompressionConfig,
+        size: Option<u64>,
+    ) -> Self {
+        let mut window = config.brotli_window.clamp(10, 24);
+        if let Some(size) = size {
+            // The smallest window (at least 2^10) that holds the whole body.
+            let fits = (u64::BITS - size.max(1).leading_zeros()).clamp(10, 24);
+            window = window.min(fits);
+        }
         let inner = match encoding {
             Encoding::Brotli => Inner::Brotli(Box::new(brotli::CompressorWriter::new(
                 Vec::new(),
                 BROTLI_BUFFER,
                 config.brotli_quality.min(11),
-                config.brotli_window.clamp(10, 24),
+                window,
             ))),
             Encoding::Gzip => Inner::Gzip(GzEncoder::new(
                 Vec::new(),
@@ -231,6 +247,21 @@ mod tests {
                     packed.len()
                 );
             }
+        }
+    }
+
+    #[test]
+    fn a_window_sized_to_the_body_round_trips_at_every_boundary() {
+        let config = CompressionConfig::default();
+        let json = chat_json(2_000);
+        for size in [1, 1023, 1024, 1025, 4096, 65_537, json.len()] {
+            let body = &json[..size.min(json.len())];
+            let packed = compress(body, Encoding::Brotli, &config).unwrap();
+            assert_eq!(
+                decompress(&packed, Encoding::Brotli, 1 << 20).unwrap(),
+                body,
+                "{size}"
+            );
         }
     }
 

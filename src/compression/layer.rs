@@ -468,10 +468,13 @@ where
     parts.headers.remove(CONTENT_LENGTH);
     parts.headers.remove(ACCEPT_RANGES);
     weaken_etag(&mut parts.headers);
-    Response::from_parts(
-        parts,
-        CompressedBody::encoded(body, StreamEncoder::new(encoding, config)),
-    )
+    let encoder = StreamEncoder::with_size_hint(encoding, config, facts_size(&body));
+    Response::from_parts(parts, CompressedBody::encoded(body, encoder))
+}
+
+/// The body's exact size, when it is known.
+fn facts_size<B: Body>(body: &B) -> Option<u64> {
+    body.size_hint().exact()
 }
 
 /// Adds `Vary: Accept-Encoding` unless it is there (or `Vary: *`).
