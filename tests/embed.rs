@@ -429,3 +429,46 @@ async fn shutdown_sends_what_is_pending_and_refuses_new_texts() {
     let after = batcher.embed("late", &caller()).await.unwrap_err();
     assert!(after.to_string().contains("shut down"), "{after}");
 }
+
+/// An embedder that panics on every call.
+#[derive(Debug)]
+struct Panicking;
+
+#[async_trait]
+impl Embedder for Panicking {
+    async fn embed(&self, _: &EmbedRequest) -> pupkit::Result<EmbedResponse> {
+        panic!("embedder bug");
+    }
+
+    fn name(&self) -> &str {
+        "panicking"
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panicking_embedder_fails_its_callers_instead_of_hanging_them() {
+    let batcher = Arc::new(
+        Batcher::builder(config(2))
+            .embedder(Arc::new(Panicking))
+            .build()
+            .unwrap(),
+    );
+    for round in 0..2 {
+        let tasks: Vec<_> = ["one", "two"]
+            .into_iter()
+            .map(|text| {
+                let batcher = batcher.clone();
+                tokio::spawn(async move { batcher.embed(text, &caller()).await })
+            })
+            .collect();
+        for task in tasks {
+            let error = task.await.unwrap().unwrap_err();
+            assert!(
+                error_chain(&error).contains("panicked"),
+                "round {round}: {error}"
+            );
+        }
+    }
+    // The callers were counted out: the queue is not left full of ghosts.
+    assert_eq!(batcher.stats().rejected, 0);
+}

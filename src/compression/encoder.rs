@@ -102,7 +102,7 @@ pub fn decompress(body: &[u8], encoding: Encoding, limit: usize) -> Result<Vec<u
     };
     let mut out = Vec::with_capacity(body.len().min(limit).saturating_mul(4).min(limit));
     reader
-        .take(limit as u64 + 1)
+        .take((limit as u64).saturating_add(1))
         .read_to_end(&mut out)
         .map_err(|e| DecodeError::Corrupt {
             encoding,
@@ -154,8 +154,10 @@ impl StreamEncoder {
     ) -> Self {
         let mut window = config.brotli_window.clamp(10, 24);
         if let Some(size) = size {
-            // The smallest window (at least 2^10) that holds the whole body.
-            let fits = (u64::BITS - size.max(1).leading_zeros()).clamp(10, 24);
+            // The smallest window (at least 2^10) that holds the whole body: a window of
+            // 2^w holds 2^w - 16 bytes.
+            let needed = size.saturating_add(16);
+            let fits = (u64::BITS - (needed - 1).leading_zeros()).clamp(10, 24);
             window = window.min(fits);
         }
         let inner = match encoding {

@@ -356,11 +356,14 @@ where
         let config = self.config.clone();
         Box::pin(async move {
             let head = request.method() == Method::HEAD;
-            let accept = request
+            // Every Accept-Encoding line counts, as one comma-separated list.
+            let lines: Vec<&str> = request
                 .headers()
-                .get(ACCEPT_ENCODING)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned);
+                .get_all(ACCEPT_ENCODING)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .collect();
+            let accept = (!lines.is_empty()).then(|| lines.join(","));
             let request = match decode_request(request, &config).await {
                 Ok(request) => request,
                 Err((status, message)) => return Ok(refuse(status, &message)),
@@ -380,10 +383,14 @@ where
     B: Body<Data = Bytes>,
     B::Error: Into<BoxError>,
 {
-    let coding = request
+    // All lines, as one list: stacked codings (`gzip, br`, or two lines) are not supported.
+    let lines: Vec<String> = request
         .headers()
-        .get(CONTENT_ENCODING)
-        .map(|v| String::from_utf8_lossy(v.as_bytes()).trim().to_owned());
+        .get_all(CONTENT_ENCODING)
+        .iter()
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).trim().to_owned())
+        .collect();
+    let coding = (!lines.is_empty()).then(|| lines.join(", "));
     let encoding = match coding.as_deref() {
         None | Some("") => None,
         Some(token) => match Encoding::from_token(token) {
@@ -441,12 +448,24 @@ where
             .get(name)
             .and_then(|v: &HeaderValue| v.to_str().ok())
     };
+    // An unreadable Content-Encoding is still an encoding: never compress over it.
+    let encoded = parts
+        .headers
+        .get(CONTENT_ENCODING)
+        .map(|v| v.to_str().unwrap_or("unknown"));
+    let cache_control: Vec<&str> = parts
+        .headers
+        .get_all(CACHE_CONTROL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    let cache_control = cache_control.join(",");
     let facts = ResponseFacts {
         head,
         status: parts.status.as_u16(),
         content_type: header(CONTENT_TYPE),
-        content_encoding: header(CONTENT_ENCODING),
-        cache_control: header(CACHE_CONTROL),
+        content_encoding: encoded,
+        cache_control: Some(cache_control.as_str()).filter(|c| !c.is_empty()),
         size: body.size_hint().exact(),
         opted_out: parts.extensions.get::<NoCompression>().is_some(),
     };

@@ -23,7 +23,7 @@ pub struct CompressionConfig {
     pub brotli_window: u32,
     /// gzip level. Default 6.
     pub gzip_level: u32,
-    /// Compress `text/event-stream` too (flushing after each chunk). Default false.
+    /// Compress `text/event-stream` too (flushed whenever the stream pauses). Default false.
     pub compress_event_streams: bool,
     /// The largest decoded request body accepted; a bigger one (a zip bomb) gets 413.
     /// Default 8 MiB.

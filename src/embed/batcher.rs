@@ -3,7 +3,7 @@
 //! batch, against calls in flight and against the cache; each caller's share of the cost
 //! recorded to a cost meter.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -97,8 +97,23 @@ impl BatcherConfig {
                 "queue_capacity and max_concurrent_calls must be at least 1",
             ));
         }
-        if self.dimensions == Some(0) {
-            return Err(Error::invalid("dimensions", "must be at least 1"));
+        if self.dimensions.is_some_and(|d| d == 0 || d > 65_536) {
+            return Err(Error::invalid(
+                "dimensions",
+                format!("{:?} is outside 1 to 65,536", self.dimensions),
+            ));
+        }
+        if self.window > Duration::from_secs(3_600) {
+            return Err(Error::invalid(
+                "window",
+                format!("{:?} is over an hour", self.window),
+            ));
+        }
+        if self.max_concurrent_calls > 1_024 {
+            return Err(Error::invalid(
+                "max_concurrent_calls",
+                format!("{} is over 1,024", self.max_concurrent_calls),
+            ));
         }
         Ok(())
     }
@@ -187,7 +202,7 @@ struct Slot {
 #[derive(Default)]
 struct State {
     /// Unique texts not yet sent, in arrival order.
-    pending: Vec<String>,
+    pending: VecDeque<String>,
     pending_tokens: u64,
     /// Every unique text pending or in flight.
     slots: HashMap<String, Slot>,
@@ -234,8 +249,9 @@ struct Shared {
     wake: Notify,
     calls: Arc<Semaphore>,
     counters: Counters,
-    /// Pico-dollars of cost and of savings not yet recorded (below one micro-dollar).
-    carry: Mutex<(i128, i128)>,
+    /// Per caller, pico-dollars of cost and of savings not yet recorded (below one
+    /// micro-dollar each).
+    carry: Mutex<HashMap<Spender, (i128, i128)>>,
 }
 
 impl Shared {
@@ -245,8 +261,8 @@ impl Shared {
 
     /// The usage event of `tokens` for `caller`, served from `source`, with its cost worked
     /// out to the pico-dollar and recorded in whole micro-dollars, the fraction carried to
-    /// the next event. One short text costs well under a micro-dollar; carried, the
-    /// recorded total stays within a micro-dollar of the exact one.
+    /// the caller's next event. One short text costs well under a micro-dollar; carried, each
+    /// caller's recorded total stays within a micro-dollar of the exact one.
     fn usage(&self, caller: &Spender, tokens: u64, source: UsageSource) -> Usage {
         let usage = usage_for(&self.config, caller, tokens).source(source);
         let Some(meter) = &self.meter else {
@@ -259,10 +275,15 @@ impl Shared {
             return usage; // unpriced: the meter records it so, and alerts
         };
         let mut carry = self.carry.lock().unwrap_or_else(|p| p.into_inner());
+        if carry.len() >= 100_000 && !carry.contains_key(caller) {
+            // Bounded: forgetting the fractions loses under a micro-dollar per caller.
+            carry.clear();
+        }
+        let fractions = carry.entry(caller.clone()).or_default();
         let slot = if source.is_saving() {
-            &mut carry.1
+            &mut fractions.1
         } else {
-            &mut carry.0
+            &mut fractions.0
         };
         let total = *slot + i128::from(pico.micros());
         *slot = total % 1_000_000;
@@ -346,7 +367,7 @@ impl BatcherBuilder {
             state: Mutex::new(State::default()),
             wake: Notify::new(),
             counters: Counters::new(),
-            carry: Mutex::new((0, 0)),
+            carry: Mutex::new(HashMap::new()),
         });
         let worker = tokio::spawn(run(shared.clone()));
         Ok(Batcher {
@@ -486,7 +507,7 @@ impl EmbeddingBatcher for Batcher {
                                 waiters: vec![waiter],
                             },
                         );
-                        state.pending.push(text.to_owned());
+                        state.pending.push_back(text.to_owned());
                         state.pending_tokens += u64::from(tokens);
                         Ok(false)
                     }
@@ -560,8 +581,12 @@ async fn run(shared: Arc<Shared>) {
             let mut state = shared.lock();
             let due = state
                 .pending
-                .first()
-                .map(|t| state.slots[t].queued_at + shared.config.window);
+                .front()
+                .and_then(|t| state.slots.get(t))
+                .map(|slot| {
+                    let at = slot.queued_at;
+                    at.checked_add(shared.config.window).unwrap_or(at)
+                });
             let full = state.pending.len() >= shared.config.batch_size
                 || state.pending_tokens >= u64::from(shared.config.max_batch_tokens);
             let ready = !state.pending.is_empty()
@@ -608,12 +633,18 @@ fn take_batch(state: &mut State, config: &BatcherConfig) -> Vec<(String, u32)> {
     let mut batch = Vec::new();
     let mut tokens = 0u64;
     while batch.len() < config.batch_size && !state.pending.is_empty() {
-        let next = state.slots[&state.pending[0]].tokens;
+        let next = state
+            .pending
+            .front()
+            .and_then(|t| state.slots.get(t))
+            .map_or(0, |slot| slot.tokens);
         if !batch.is_empty() && tokens + u64::from(next) > u64::from(config.max_batch_tokens) {
             break;
         }
         tokens += u64::from(next);
-        let text = state.pending.remove(0);
+        let Some(text) = state.pending.pop_front() else {
+            break;
+        };
         batch.push((text, next));
     }
     state.pending_tokens = state.pending_tokens.saturating_sub(tokens);
@@ -655,6 +686,12 @@ pub(crate) fn split_proportionally(total: u64, weights: &[u64]) -> Vec<u64> {
 async fn send(shared: &Shared, batch: Vec<(String, u32)>) {
     let config = &shared.config;
     let texts: Vec<String> = batch.iter().map(|(t, _)| t.clone()).collect();
+    // If the embedder or the cache panics, the batch's callers get an error, not a hang.
+    let mut guard = PanicGuard {
+        shared,
+        texts: &texts,
+        armed: true,
+    };
     let mut request = EmbedRequest::new(&config.model, texts.clone());
     request.dimensions = config.dimensions;
     shared.counters.api_calls.add(1);
@@ -684,6 +721,7 @@ async fn send(shared: &Shared, batch: Vec<(String, u32)>) {
             tracing::warn!(%error, "could not cache embeddings");
         }
     }
+    guard.armed = false;
     let slots: Vec<Slot> = {
         let mut state = shared.lock();
         let slots: Vec<Slot> = texts.iter().filter_map(|t| state.slots.remove(t)).collect();
@@ -733,6 +771,34 @@ async fn send(shared: &Shared, batch: Vec<(String, u32)>) {
         }
     }
     join_all(answering).await;
+}
+
+/// Fails a batch's callers if its call unwinds before they were answered.
+struct PanicGuard<'a> {
+    shared: &'a Shared,
+    texts: &'a [String],
+    armed: bool,
+}
+
+impl Drop for PanicGuard<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let mut state = self.shared.lock();
+        for text in self.texts {
+            if let Some(slot) = state.slots.remove(text) {
+                state.waiting = state.waiting.saturating_sub(slot.waiters.len());
+                for waiter in slot.waiters {
+                    let _ = waiter.reply.send(Err(Error::Backend {
+                        backend: "embeddings",
+                        operation: "embed batch",
+                        source: "the embedding call panicked".into(),
+                    }));
+                }
+            }
+        }
+    }
 }
 
 fn cache_key_for(config: &BatcherConfig, text: &str) -> String {
@@ -842,6 +908,28 @@ fn share_error(error: &Arc<Error>) -> Error {
             backend,
             operation,
             retry_in: *retry_in,
+        },
+        Error::Api {
+            backend,
+            status,
+            kind,
+            code,
+            message,
+        } => Error::Api {
+            backend,
+            status: *status,
+            kind: kind.clone(),
+            code: code.clone(),
+            message: message.clone(),
+        },
+        Error::Timeout {
+            backend,
+            operation,
+            after,
+        } => Error::Timeout {
+            backend,
+            operation,
+            after: *after,
         },
         _ => Error::Backend {
             backend: "embeddings",

@@ -47,6 +47,8 @@ const OPERATION: &str = "embeddings";
 const DEFAULT_BASE_URL: &str = "https://api.openai.com/v1";
 /// Longest API message kept in an error, in bytes.
 const MAX_MESSAGE: usize = 512;
+/// The largest answer read (2,048 inputs of 3,072 base64 floats take about 34 MB).
+const MAX_ANSWER: usize = 128 << 20;
 /// What stands in for a secret in `Debug` output and messages.
 const REDACTED: &str = "<redacted>";
 
@@ -408,8 +410,14 @@ impl OpenAiEmbedder {
                 Ok(Ok((status, headers, bytes))) => {
                     guard.finish(!status.is_server_error());
                     if status.is_success() {
-                        return decode(status.as_u16(), &bytes, texts.len(), request.dimensions)
-                            .map_err(|e| Failure::Fatal(self.scrub_error(e)));
+                        return decode(
+                            status.as_u16(),
+                            &bytes,
+                            texts.len(),
+                            request.dimensions,
+                            &self.key,
+                        )
+                        .map_err(|e| Failure::Fatal(self.scrub_error(e)));
                     }
                     match self.classify(status.as_u16(), &headers, &bytes) {
                         Verdict::Retry { error, hint } => (error, Some(status.as_u16()), hint),
@@ -461,8 +469,18 @@ impl OpenAiEmbedder {
             .await?;
         let status = response.status();
         let headers = response.headers().clone();
-        let bytes = response.bytes().await?;
-        Ok((status, headers, bytes))
+        // Bounded: a faulty server cannot make this process buffer without end. A cut answer
+        // then fails to decode, with an error that says so.
+        let mut response = response;
+        let mut bytes = Vec::new();
+        while let Some(chunk) = response.chunk().await? {
+            if bytes.len() + chunk.len() > MAX_ANSWER {
+                tracing::warn!(limit = MAX_ANSWER, "openai answer over its size limit; cut");
+                break;
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+        Ok((status, headers, Bytes::from(bytes)))
     }
 
     /// What to do about an error status.
@@ -495,10 +513,17 @@ impl OpenAiEmbedder {
             };
         }
         // A refusal of the inputs (not of the model, the dimensions, ...) is bisected.
-        let about_input = api
-            .param
-            .as_deref()
-            .is_none_or(|param| param.starts_with("input"));
+        // Without a `param`, only a message about the input or its length counts: a refusal
+        // of the model or the dimensions would otherwise be bisected into 2n - 1 requests.
+        let about_input = match api.param.as_deref() {
+            Some(param) => param.starts_with("input"),
+            None => {
+                let message = api.message.to_ascii_lowercase();
+                ["input", "token", "context length"]
+                    .iter()
+                    .any(|word| message.contains(word))
+            }
+        };
         if matches!(status, 400 | 413 | 422) && about_input && !quota {
             return Verdict::Stop(Failure::Refused(api));
         }
@@ -584,8 +609,8 @@ impl Embedder for OpenAiEmbedder {
                             total_tokens: estimate,
                         }
                     });
-                    usage.prompt_tokens += used.prompt_tokens;
-                    usage.total_tokens += used.total_tokens;
+                    usage.prompt_tokens = usage.prompt_tokens.saturating_add(used.prompt_tokens);
+                    usage.total_tokens = usage.total_tokens.saturating_add(used.total_tokens);
                     for (&slot, vector) in batch.iter().zip(reply.vectors) {
                         let expected = *dimensions.get_or_insert(vector.len());
                         if vector.len() != expected {
@@ -778,7 +803,13 @@ struct WireUsage {
 
 /// Decodes a 2xx answer for `expected` inputs: vectors by `data[].index`, all of one
 /// dimension (`dimensions` when asked for).
-fn decode(status: u16, body: &[u8], expected: usize, dimensions: Option<u32>) -> Result<Reply> {
+fn decode(
+    status: u16,
+    body: &[u8],
+    expected: usize,
+    dimensions: Option<u32>,
+    key: &str,
+) -> Result<Reply> {
     let invalid = |message: String| Error::Api {
         backend: BACKEND,
         status,
@@ -787,10 +818,15 @@ fn decode(status: u16, body: &[u8], expected: usize, dimensions: Option<u32>) ->
         message,
     };
     let response: WireResponse = serde_json::from_slice(body).map_err(|e| {
-        invalid(format!(
-            "the answer is not embeddings JSON ({e}); it starts {:?}",
-            excerpt(&String::from_utf8_lossy(&body[..body.len().min(64)]))
-        ))
+        // Scrub the key from a window longer than the excerpt, so a key cut by the excerpt
+        // cannot survive in part; then clip.
+        let start = String::from_utf8_lossy(&body[..body.len().min(64 + key.len())]);
+        let start = scrub(&start, key);
+        let start: String = start.chars().take(64).collect();
+        invalid(clip(&scrub(
+            &format!("the answer is not embeddings JSON ({e}); it starts {start:?}"),
+            key,
+        )))
     })?;
     if response.data.len() != expected {
         return Err(invalid(format!(
@@ -1233,12 +1269,12 @@ mod tests {
             "model": "m",
             "usage": {"prompt_tokens": 5, "total_tokens": 5}
         });
-        let reply = decode(200, body.to_string().as_bytes(), 2, Some(2)).unwrap();
+        let reply = decode(200, body.to_string().as_bytes(), 2, Some(2), "").unwrap();
         assert_eq!(reply.vectors, vec![vec![1.0, 2.0], vec![3.0, 4.0]]);
         assert_eq!(reply.usage.unwrap().prompt_tokens, 5);
 
         let err = |body: serde_json::Value, expected: usize, dims: Option<u32>| {
-            decode(200, body.to_string().as_bytes(), expected, dims)
+            decode(200, body.to_string().as_bytes(), expected, dims, "")
                 .unwrap_err()
                 .to_string()
         };
@@ -1281,7 +1317,7 @@ mod tests {
             Some(4),
         );
         assert!(e.contains("1 dimensions, but 4 were requested"), "{e}");
-        let e = decode(200, b"<html>oops</html>", 1, None)
+        let e = decode(200, b"<html>oops</html>", 1, None, "")
             .unwrap_err()
             .to_string();
         assert!(
@@ -1297,7 +1333,7 @@ mod tests {
         // No usage: left to the caller to estimate.
         let body = serde_json::json!({"data": [item(0, b64(&[1.0]).into())]});
         assert!(
-            decode(200, body.to_string().as_bytes(), 1, None)
+            decode(200, body.to_string().as_bytes(), 1, None, "")
                 .unwrap()
                 .usage
                 .is_none()
