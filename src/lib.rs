@@ -78,6 +78,7 @@ pub mod compression;
 pub mod cost;
 pub mod embed;
 mod error;
+mod hex;
 mod random;
 #[cfg_attr(
     not(any(

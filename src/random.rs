@@ -13,10 +13,17 @@ pub(crate) fn random_u128() -> u128 {
     (u128::from(high) << 64) | u128::from(low)
 }
 
+/// A number in [0, 1) that differs between calls and processes: for jitter.
+pub(crate) fn random_fraction() -> f64 {
+    (random_u128() as u64 >> 11) as f64 / (1u64 << 53) as f64
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
     fn ids_differ() {
         assert_ne!(super::random_u128(), super::random_u128());
+        let fraction = super::random_fraction();
+        assert!((0.0..1.0).contains(&fraction));
     }
 }

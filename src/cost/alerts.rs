@@ -164,13 +164,7 @@ pub fn webhook_signature(secret: &[u8], timestamp: i64, body: &[u8]) -> String {
     mac.update(timestamp.to_string().as_bytes());
     mac.update(b".");
     mac.update(body);
-    let digest = mac.finalize().into_bytes();
-    let mut hex = String::with_capacity(3 + digest.len() * 2);
-    hex.push_str("v1=");
-    for byte in digest {
-        hex.push_str(&format!("{byte:02x}"));
-    }
-    hex
+    format!("v1={}", crate::hex::to_hex(&mac.finalize().into_bytes()))
 }
 
 /// Posts each alert as JSON to a URL, signed with HMAC-SHA256 (see [`webhook_signature`]),

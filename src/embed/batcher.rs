@@ -808,15 +808,7 @@ fn cache_key_for(config: &BatcherConfig, text: &str) -> String {
     hash.update(config.dimensions.unwrap_or(0).to_le_bytes());
     hash.update([0]);
     hash.update(text.as_bytes());
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let digest = hash.finalize();
-    let mut key = String::with_capacity(7 + 64);
-    key.push_str("emb:v1:");
-    for byte in digest {
-        key.push(HEX[usize::from(byte >> 4)] as char);
-        key.push(HEX[usize::from(byte & 0xf)] as char);
-    }
-    key
+    format!("emb:v1:{}", crate::hex::to_hex(&hash.finalize()))
 }
 
 /// Charges one waiter (committing its reservation) and hands it the vector.

@@ -1030,7 +1030,7 @@ fn backoff(config: &RetryConfig, retry: u32) -> Duration {
         .base_delay
         .saturating_mul(1u32 << retry.min(31))
         .min(config.max_delay);
-    let fraction = (crate::random::random_u128() as u64 >> 11) as f64 / (1u64 << 53) as f64;
+    let fraction = crate::random::random_fraction();
     Duration::try_from_secs_f64(ceiling.as_secs_f64() * fraction).unwrap_or(ceiling)
 }
 

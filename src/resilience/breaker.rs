@@ -231,8 +231,9 @@ impl CircuitBreaker {
 
     fn open(&self) {
         let cool_down = self.config.cool_down.as_millis() as u64;
-        let jitter =
-            (cool_down as f64 * self.config.jitter.clamp(0.0, 1.0) * random_fraction()) as u64;
+        let jitter = (cool_down as f64
+            * self.config.jitter.clamp(0.0, 1.0)
+            * crate::random::random_fraction()) as u64;
         self.open_until_ms
             .store(self.now_ms() + cool_down + jitter, Ordering::Release);
         if self.state.swap(OPEN, Ordering::AcqRel) != OPEN {
@@ -278,13 +279,6 @@ impl CircuitBreaker {
             failures: self.failures.load(Ordering::Relaxed),
         }
     }
-}
-
-/// A number in [0, 1) that differs between calls and processes; jitter needs no more.
-fn random_fraction() -> f64 {
-    use std::hash::{BuildHasher, RandomState};
-    let bits = RandomState::new().hash_one(std::time::SystemTime::now());
-    (bits >> 11) as f64 / (1u64 << 53) as f64
 }
 
 #[cfg(test)]
