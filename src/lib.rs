@@ -9,6 +9,7 @@
 //! | [`compression`] | HTTP compression for the host's server: Accept-Encoding negotiation (RFC 9110), content-type and size policy, brotli/gzip encoders for bodies and streams, bounded request decompression; `CompressionLayer` for tower/axum (feature `axum`) |
 //! | [`codec`] | the versioned envelope every cached value is stored in |
 //! | [`embed`] | [`Batcher`](embed::Batcher): single-text embedding calls from many callers merged into API calls (size, window, token budget), deduplicated three ways, cached, each caller's share of the cost recorded; [`Embedder`](embed::Embedder) with a local deterministic embedder and `OpenAiEmbedder` (feature `openai`) |
+//! | [`jobs`] | background jobs on Redis: priorities, delays, dedup, retries and dead letters, a rate limit and a concurrency cap across every process, leases with fencing tokens, workers that scale on the backlog and shut down without losing a job (feature `redis`) |
 //! | [`cost`] | [`Meter`](cost::Meter): usage priced from a dated price table into an idempotent ledger, budgets per user, service and globally with hard enforcement by reservation, alerts, anomalies, projections, reports, CSV, HTTP routes |
 //! | `redis` | [`RedisConnection`](crate::redis::RedisConnection): one shared multiplexed connection with a deadline on every operation and a circuit breaker (feature `redis`) |
 //! | [`repo`] | [`PgPool`](repo::PgPool): pooled Postgres (bb8 + tokio-postgres) with a statement cache, slow-query log, transactions with retries, a read replica; [`CachedRepo`](repo::CachedRepo) over the tiered cache (feature `postgres`) |
@@ -53,7 +54,7 @@
 //!
 //! | feature | enables |
 //! |---|---|
-//! | `redis` | Redis shared tiers ([`cache::RedisTiers`]), [`redis::RedisConnection`], `cost::RedisSpendStore` |
+//! | `redis` | Redis shared tiers ([`cache::RedisTiers`]), [`redis::RedisConnection`], `cost::RedisSpendStore`, `jobs::Queue` and `jobs::Worker` |
 //! | `postgres` | [`repo::PgPool`], [`repo::PooledRepo`], [`repo::CachedRepo`], `cost::PgLedger` |
 //! | `axum` | `cost::CostRoutes`: the cost endpoints as an axum `Router`; `compression::CompressionLayer` |
 //! | `openai` | `embed::OpenAiEmbedder`: the OpenAI embeddings API or a compatible server (reqwest with rustls) |
@@ -79,6 +80,7 @@ pub mod cost;
 pub mod embed;
 mod error;
 mod hex;
+pub mod jobs;
 mod random;
 #[cfg_attr(
     not(any(

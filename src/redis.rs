@@ -84,6 +84,7 @@ pub struct RedisConnection {
     manager: ConnectionManager,
     client: ::redis::Client,
     op_timeout: Duration,
+    connect_timeout: Duration,
     url: Arc<str>,
     breaker: Arc<CircuitBreaker>,
 }
@@ -127,6 +128,7 @@ impl RedisConnection {
             manager,
             client,
             op_timeout: config.op_timeout,
+            connect_timeout: config.connect_timeout,
             url: redacted.into(),
             breaker: Arc::new(CircuitBreaker::new("redis", config.breaker.clone())),
         })
@@ -150,6 +152,35 @@ impl RedisConnection {
         let client = self.client.clone();
         self.deadline("subscribe", async move { client.get_async_pubsub().await })
             .await
+    }
+
+    /// A new dedicated connection for blocking commands (`BLPOP`), never the shared
+    /// multiplexed one: a blocked command there would hold up every other. It is opened within
+    /// the connect deadline, and its commands have no deadline of their own (the caller bounds
+    /// them).
+    pub(crate) async fn dedicated(&self) -> Result<::redis::aio::MultiplexedConnection> {
+        let config = ::redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.connect_timeout))
+            .set_response_timeout(None);
+        let client = self.client.clone();
+        match tokio::time::timeout(
+            self.connect_timeout,
+            client.get_multiplexed_async_connection_with_config(&config),
+        )
+        .await
+        {
+            Ok(Ok(connection)) => Ok(connection),
+            Ok(Err(error)) => Err(Error::Backend {
+                backend: "redis",
+                operation: "connect",
+                source: Box::new(error),
+            }),
+            Err(_) => Err(Error::Timeout {
+                backend: "redis",
+                operation: "connect",
+                after: self.connect_timeout,
+            }),
+        }
     }
 
     /// The circuit breaker's state and counters.

@@ -26,6 +26,7 @@ mod backplane;
 mod config;
 mod flight;
 mod keys;
+pub(crate) use keys::check_name;
 mod l0;
 mod lock;
 mod memory;

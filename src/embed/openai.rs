@@ -1026,12 +1026,9 @@ fn try_again_in(message: &str) -> Option<Duration> {
 /// Full-jitter exponential backoff before retry `retry` (0 for the first): uniform in
 /// `[0, min(max_delay, base_delay * 2^retry))`.
 fn backoff(config: &RetryConfig, retry: u32) -> Duration {
-    let ceiling = config
-        .base_delay
-        .saturating_mul(1u32 << retry.min(31))
-        .min(config.max_delay);
-    let fraction = crate::random::random_fraction();
-    Duration::try_from_secs_f64(ceiling.as_secs_f64() * fraction).unwrap_or(ceiling)
+    crate::resilience::Backoff::new(config.base_delay, config.max_delay)
+        .jitter(1.0)
+        .delay(retry)
 }
 
 /// `after` from now, or a century from now if that overflows the clock.

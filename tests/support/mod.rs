@@ -84,14 +84,18 @@ pub mod redis {
 
     /// Deletes every key under `prefix` (this test's own keys only; never a flush).
     pub async fn delete_prefix(prefix: &str) {
+        delete_matching(&format!("{prefix}:*")).await;
+    }
+
+    /// Deletes every key matching the glob `pattern` (a test's own keys only; never a flush).
+    pub async fn delete_matching(pattern: &str) {
         let mut conn = raw().await;
-        let pattern = format!("{prefix}:*");
         let mut cursor: u64 = 0;
         loop {
             let (next, keys): (u64, Vec<String>) = ::redis::cmd("SCAN")
                 .arg(cursor)
                 .arg("MATCH")
-                .arg(&pattern)
+                .arg(pattern)
                 .arg("COUNT")
                 .arg(1000)
                 .query_async(&mut conn)

@@ -144,7 +144,7 @@ enum StoreChoice {
     },
     Custom(Arc<dyn TierStore>),
     #[cfg(feature = "redis")]
-    Redis(crate::redis::RedisConnection),
+    Redis(Box<crate::redis::RedisConnection>),
 }
 
 impl<V> TieredBuilder<V>
@@ -160,7 +160,7 @@ where
     /// Shared tiers in Redis, over a (shareable) multiplexed connection.
     #[cfg(feature = "redis")]
     pub fn redis(mut self, connection: crate::redis::RedisConnection) -> Self {
-        self.store = StoreChoice::Redis(connection);
+        self.store = StoreChoice::Redis(Box::new(connection));
         self
     }
 
@@ -183,9 +183,10 @@ where
             }
             StoreChoice::Custom(store) => Some(store),
             #[cfg(feature = "redis")]
-            StoreChoice::Redis(connection) => {
-                Some(Arc::new(super::redis::RedisTiers::new(connection, &config)))
-            }
+            StoreChoice::Redis(connection) => Some(Arc::new(super::redis::RedisTiers::new(
+                *connection,
+                &config,
+            ))),
         };
         if store.is_none() && !config.l0.enabled {
             return Err(Error::invalid(
