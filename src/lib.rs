@@ -9,6 +9,7 @@
 //! | [`compression`] | HTTP compression for the host's server: Accept-Encoding negotiation (RFC 9110), content-type and size policy, brotli/gzip encoders for bodies and streams, bounded request decompression; `CompressionLayer` for tower/axum (feature `axum`) |
 //! | [`codec`] | the versioned envelope every cached value is stored in |
 //! | [`embed`] | [`Batcher`](embed::Batcher): single-text embedding calls from many callers merged into API calls (size, window, token budget), deduplicated three ways, cached, each caller's share of the cost recorded; [`Embedder`](embed::Embedder) with a local deterministic embedder and `OpenAiEmbedder` (feature `openai`) |
+//! | [`health`] | [`Health`](health::Health): every component's stats in one report for `GET /api/health`; [`Monitor`](health::Monitor): per-second request, cache and cost figures, the report's alert rules, a live dashboard (routes and request layer with feature `axum`) |
 //! | [`jobs`] | background jobs on Redis: priorities, delays, dedup, retries and dead letters, a rate limit and a concurrency cap across every process, leases with fencing tokens, workers that scale on the backlog and shut down without losing a job (feature `redis`) |
 //! | [`cost`] | [`Meter`](cost::Meter): usage priced from a dated price table into an idempotent ledger, budgets per user, service and globally with hard enforcement by reservation, alerts, anomalies, projections, reports, CSV, HTTP routes |
 //! | `redis` | [`RedisConnection`](crate::redis::RedisConnection): one shared multiplexed connection with a deadline on every operation and a circuit breaker (feature `redis`) |
@@ -79,6 +80,7 @@ pub mod compression;
 pub mod cost;
 pub mod embed;
 mod error;
+pub mod health;
 mod hex;
 pub mod jobs;
 mod random;

@@ -724,70 +724,25 @@ async fn a_slow_stream_is_decodable_piece_by_piece() {
 // ---------------------------------------------------------------------------------------------
 // Chromium
 
-/// The Chromium binary, if one runs here; skips loudly (or fails) when none does.
-async fn chromium() -> Option<String> {
-    let mut candidates = Vec::new();
-    if let Ok(path) = std::env::var("PUPKIT_CHROMIUM") {
-        candidates.push(path);
-    }
-    candidates.extend(
-        ["/usr/bin/chromium", "chromium", "chromium-browser"]
-            .into_iter()
-            .map(str::to_owned),
-    );
-    for candidate in &candidates {
-        let ran = tokio::process::Command::new(candidate)
-            .arg("--version")
-            .output()
-            .await;
-        if ran.is_ok_and(|o| o.status.success()) {
-            return Some(candidate.clone());
-        }
-    }
-    support::unavailable(
-        "Chromium",
-        &format!("none of {candidates:?} runs (apt-get install chromium)"),
-    );
-    None
-}
-
 /// Loads `/page.html` in headless Chromium with the server forcing `coding`, and checks the
 /// DOM shows what the script computed from the decoded JSON.
 async fn chromium_decodes(coding: Encoding) {
-    let Some(binary) = chromium().await else {
+    let Some(binary) = support::browser::chromium().await else {
         return;
     };
     let mut config = CompressionConfig::default();
     config.preference = vec![coding];
     let server = Server::start(config).await;
-    let profile = scratch("chromium");
-    let run = tokio::process::Command::new(&binary)
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-dev-shm-usage",
-            "--disable-background-networking",
-            "--no-first-run",
-            "--virtual-time-budget=5000",
-        ])
-        .arg(format!("--user-data-dir={}", path_str(&profile)))
-        .arg("--dump-dom")
-        .arg(server.url("/page.html"))
-        .kill_on_drop(true)
-        .output();
-    let output = tokio::time::timeout(Duration::from_secs(90), run)
-        .await
-        .expect("Chromium finished within 90 s")
-        .expect("run Chromium");
-    let _ = std::fs::remove_dir_all(&profile);
-    let dom = String::from_utf8_lossy(&output.stdout);
-    let context = format!(
-        "Chromium ({}) with {coding}:\n{dom}\n--- stderr (tail) ---\n{}",
-        output.status,
-        tail(&String::from_utf8_lossy(&output.stderr), 2_000)
-    );
-    assert!(output.status.success(), "{context}");
+    let run = support::browser::headless(
+        &binary,
+        &server.url("/page.html"),
+        5_000,
+        &["--dump-dom".to_owned()],
+    )
+    .await;
+    let dom = &run.stdout;
+    let context = format!("Chromium with {coding}:\n{}", run.context());
+    assert!(run.success, "{context}");
     let expected = format!("<pre id=\"out\">{}</pre>", expected_summary());
     assert!(dom.contains(&expected), "want {expected}\n{context}");
     assert!(
@@ -808,14 +763,6 @@ async fn chromium_decodes(coding: Encoding) {
             "{exchange:?}"
         );
     }
-}
-
-fn tail(text: &str, max: usize) -> &str {
-    let mut start = text.len().saturating_sub(max);
-    while !text.is_char_boundary(start) {
-        start += 1;
-    }
-    &text[start..]
 }
 
 #[tokio::test]

@@ -507,3 +507,17 @@ async fn status_reports_saturation_once_callers_wait_past_the_threshold() {
     );
     drop_schema(&pool, &schema).await;
 }
+
+#[tokio::test]
+async fn a_caller_that_gives_up_waiting_for_a_connection_is_not_counted_as_waiting() {
+    let Some((pool, schema)) = pool("waiters", |c| c.max_size = 1).await else {
+        return;
+    };
+    let held = pool.connection().await.unwrap();
+    // A request deadline, shorter than the pool's checkout timeout, drops the checkout.
+    let gave_up = tokio::time::timeout(Duration::from_millis(50), pool.connection()).await;
+    assert!(gave_up.is_err(), "the only connection is held");
+    assert_eq!(pool.status().waiters, 0, "{:?}", pool.status());
+    drop(held);
+    drop_schema(&pool, &schema).await;
+}

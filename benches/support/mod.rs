@@ -18,6 +18,18 @@ pub fn ran_since(group: &str, function: &str, started: Instant) -> bool {
         .is_ok_and(|t| t.elapsed().is_ok_and(|e| e <= started.elapsed()))
 }
 
-fn estimates(group: &str, function: &str) -> String {
-    format!("target/criterion/{group}/{function}/new/estimates.json")
+/// Where criterion writes: `CRITERION_HOME`, else `$CARGO_TARGET_DIR/criterion`, else
+/// `target/criterion` (benches run from the package root).
+fn estimates(group: &str, function: &str) -> std::path::PathBuf {
+    let home = std::env::var_os("CRITERION_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("CARGO_TARGET_DIR")
+                .map(|target| std::path::PathBuf::from(target).join("criterion"))
+        })
+        .unwrap_or_else(|| std::path::PathBuf::from("target/criterion"));
+    home.join(group)
+        .join(function)
+        .join("new")
+        .join("estimates.json")
 }

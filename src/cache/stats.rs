@@ -156,6 +156,8 @@ impl CacheTally {
         CacheStats {
             name: self.name.clone(),
             hit_rate: ratio(hits, lookups),
+            hits,
+            lookups,
             tiers,
             l0_entries,
             l0_weighted_bytes,
@@ -230,6 +232,10 @@ pub struct CacheStats {
     pub name: String,
     /// Lookups answered by any tier, over all lookups.
     pub hit_rate: f64,
+    /// Lookups answered by any tier.
+    pub hits: u64,
+    /// Lookups (each starts in the first tier it probes).
+    pub lookups: u64,
     /// L0 first, then the shared tiers hottest first.
     pub tiers: Vec<TierStats>,
     /// Entries in L0 (approximate, as moka reports).

@@ -29,6 +29,12 @@ pub enum AlertKind {
     Anomaly,
     /// Usage of a model with no price was recorded: its cost is unknown.
     UnpricedModel,
+    /// The host's p95 request latency over the monitor's window passed its limit.
+    LatencyHigh,
+    /// The host's share of failed requests over the monitor's window passed its limit.
+    ErrorRateHigh,
+    /// A cache's hit rate over the monitor's window fell under its limit.
+    CacheHitRateLow,
 }
 
 impl AlertKind {
@@ -39,6 +45,9 @@ impl AlertKind {
             AlertKind::ProjectedToExceed => "projected_to_exceed",
             AlertKind::Anomaly => "anomaly",
             AlertKind::UnpricedModel => "unpriced_model",
+            AlertKind::LatencyHigh => "latency_high",
+            AlertKind::ErrorRateHigh => "error_rate_high",
+            AlertKind::CacheHitRateLow => "cache_hit_rate_low",
         }
     }
 }
@@ -74,6 +83,12 @@ pub struct Alert {
     pub expected: Option<MicroUsd>,
     /// Spend over the expected value, for anomalies.
     pub excess: Option<MicroUsd>,
+    /// The measured value, for the monitor's alerts (p95 in ms, error rate, hit rate).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed: Option<f64>,
+    /// The limit it passed, in the same unit as `observed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<f64>,
     /// A sentence for humans.
     pub message: String,
     /// When it was raised.

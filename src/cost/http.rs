@@ -103,7 +103,7 @@ impl AuthHook {
         })
     }
 
-    fn allows(&self, parts: &Parts) -> bool {
+    pub(crate) fn allows(&self, parts: &Parts) -> bool {
         (self.0)(parts)
     }
 }

@@ -834,6 +834,8 @@ impl Meter {
                 projected: None,
                 expected: None,
                 excess: None,
+                observed: None,
+                limit: None,
                 message: format!(
                     "{entity} has spent {spent} of its {amount} {} budget ({}), past the {threshold}% threshold",
                     budget.budget.period.name(),
@@ -864,6 +866,8 @@ impl Meter {
                     projected: Some(projected),
                     expected: None,
                     excess: None,
+                    observed: None,
+                    limit: None,
                     message: format!(
                         "{entity} is on course to spend {projected} this {}, over its {amount} budget",
                         budget.budget.period.name()
@@ -892,6 +896,8 @@ impl Meter {
             projected: None,
             expected: None,
             excess: None,
+            observed: None,
+            limit: None,
             message: format!(
                 "model {:?} has no price: its usage (request {:?}, {} tokens) is recorded as unpriced, not free",
                 entry.model,
@@ -1399,6 +1405,8 @@ impl CostMeter for Meter {
                 projected: None,
                 expected: Some(anomaly.expected),
                 excess: Some(anomaly.excess),
+                observed: None,
+                limit: None,
                 message: format!(
                     "{entity} spent {} this {width}, {:.1}x its trailing average of {} ({} over)",
                     anomaly.cost, anomaly.ratio, anomaly.expected, anomaly.excess

@@ -37,6 +37,8 @@
 //! # }
 //! ```
 
+// Without `redis`, the parts only the queue uses are unused.
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
 mod config;
 #[cfg(feature = "redis")]
 mod queue;
@@ -55,5 +57,6 @@ pub use queue::{DeadJob, ENQUEUE_CHUNK, Enqueued, Queue};
 pub use stats::{QueueStats, WorkerStats};
 #[cfg(feature = "redis")]
 pub use worker::{
-    Handler, Job, JobError, JobEvent, JobOutcome, SYSTEM_USER, ShutdownReport, Worker, WorkerHandle,
+    Handler, Job, JobError, JobEvent, JobOutcome, SYSTEM_USER, ShutdownReport, Worker,
+    WorkerHandle, WorkerWatch,
 };

@@ -355,6 +355,24 @@ impl fmt::Debug for WorkerHandle {
     }
 }
 
+/// A cloneable view of a worker's [`stats`](WorkerHandle::stats), that does not keep it
+/// running.
+#[derive(Clone)]
+pub struct WorkerWatch(Arc<Core>);
+
+impl WorkerWatch {
+    /// The worker's counters and current concurrency.
+    pub fn stats(&self) -> WorkerStats {
+        self.0.stats()
+    }
+}
+
+impl fmt::Debug for WorkerWatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("WorkerWatch").field(&self.0.queue).finish()
+    }
+}
+
 /// What a graceful shutdown did.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 #[non_exhaustive]
@@ -372,6 +390,11 @@ impl WorkerHandle {
     /// The worker's counters and current concurrency.
     pub fn stats(&self) -> WorkerStats {
         self.core.stats()
+    }
+
+    /// A cloneable view of this worker's stats, for a health report or a dashboard.
+    pub fn watch(&self) -> WorkerWatch {
+        WorkerWatch(self.core.clone())
     }
 
     /// Every attempt's end, as it is settled. A receiver that falls more than 1,024 events

@@ -193,6 +193,17 @@ pub struct PgPool {
     inner: Arc<Inner>,
 }
 
+/// One caller in `checkout`, counted in `waiting` until it is dropped.
+struct Waiter<'a>(&'a Inner);
+
+impl Drop for Waiter<'_> {
+    fn drop(&mut self) {
+        if self.0.waiting.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.waiting_since_ms.store(0, Ordering::Relaxed);
+        }
+    }
+}
+
 struct Inner {
     pool: Pool<PgManager>,
     replica: Option<Pool<PgManager>>,
@@ -552,10 +563,10 @@ impl PgPool {
             let now = inner.started.elapsed().as_millis() as u64;
             inner.waiting_since_ms.store(now.max(1), Ordering::Relaxed);
         }
+        // Counted down on every way out, a caller that gives up (drops this future) included.
+        let waiter = Waiter(inner);
         let got = pool.get().await;
-        if inner.waiting.fetch_sub(1, Ordering::AcqRel) == 1 {
-            inner.waiting_since_ms.store(0, Ordering::Relaxed);
-        }
+        drop(waiter);
         match got {
             Ok(connection) => Ok(connection),
             Err(RunError::TimedOut) => {

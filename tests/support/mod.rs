@@ -236,3 +236,110 @@ pub mod postgres {
             .expect("drop the test schema");
     }
 }
+
+/// Headless Chromium for the tests that check what a browser renders.
+pub mod browser {
+    use std::path::{Path, PathBuf};
+    use std::time::Duration;
+
+    /// The Chromium binary (`PUPKIT_CHROMIUM`, then Debian's names), or `None` after a loud
+    /// skip (a failure with `PUPKIT_REQUIRE_SERVICES=1`).
+    pub async fn chromium() -> Option<String> {
+        let mut candidates = Vec::new();
+        if let Ok(path) = std::env::var("PUPKIT_CHROMIUM") {
+            candidates.push(path);
+        }
+        candidates.extend(
+            ["/usr/bin/chromium", "chromium", "chromium-browser"]
+                .into_iter()
+                .map(str::to_owned),
+        );
+        for candidate in &candidates {
+            let ran = tokio::process::Command::new(candidate)
+                .arg("--version")
+                .output()
+                .await;
+            if ran.is_ok_and(|o| o.status.success()) {
+                return Some(candidate.clone());
+            }
+        }
+        super::unavailable(
+            "Chromium",
+            &format!("none of {candidates:?} runs (apt-get install chromium)"),
+        );
+        None
+    }
+
+    /// What one headless run printed.
+    pub struct Run {
+        pub success: bool,
+        pub stdout: String,
+        pub stderr: String,
+    }
+
+    impl Run {
+        /// The run's status and the tail of its stderr, for assertion messages.
+        pub fn context(&self) -> String {
+            let mut start = self.stderr.len().saturating_sub(2_000);
+            while !self.stderr.is_char_boundary(start) {
+                start += 1;
+            }
+            format!(
+                "success {}\n--- stdout ---\n{}\n--- stderr (tail) ---\n{}",
+                self.success,
+                self.stdout,
+                &self.stderr[start..]
+            )
+        }
+    }
+
+    /// Runs headless Chromium on `url` with a fresh profile, letting scripts run for
+    /// `budget_ms` of virtual time; `action` is `--dump-dom` or `--screenshot=<path>` (plus
+    /// `--window-size=...` when wanted).
+    pub async fn headless(binary: &str, url: &str, budget_ms: u32, action: &[String]) -> Run {
+        let profile = scratch("chromium-profile");
+        let run = tokio::process::Command::new(binary)
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-dev-shm-usage",
+                "--disable-background-networking",
+                "--no-first-run",
+                "--hide-scrollbars",
+            ])
+            .arg(format!("--virtual-time-budget={budget_ms}"))
+            .arg(format!("--user-data-dir={}", profile.display()))
+            .args(action)
+            .arg(url)
+            .kill_on_drop(true)
+            .output();
+        let output = tokio::time::timeout(Duration::from_secs(90), run)
+            .await
+            .expect("Chromium finished within 90 s")
+            .expect("run Chromium");
+        let _ = std::fs::remove_dir_all(&profile);
+        Run {
+            success: output.status.success(),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    }
+
+    /// A fresh directory under the system's temp dir.
+    pub fn scratch(test: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(super::unique_prefix(test));
+        std::fs::create_dir_all(&dir).expect("create a scratch dir");
+        dir
+    }
+
+    /// `target/test-artifacts/<name>` (created), where tests leave screenshots for people.
+    pub fn artifact(name: &str) -> PathBuf {
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"));
+        let dir = target.join("test-artifacts");
+        std::fs::create_dir_all(&dir).expect("create target/test-artifacts");
+        dir.join(name)
+    }
+}
