@@ -1149,3 +1149,49 @@ async fn a_paused_queue_starts_nothing_until_it_is_resumed() {
     assert_eq!(ran.load(Ordering::SeqCst), 1);
     fixture.cleanup().await;
 }
+
+/// A payload whose decoding panics (a `Deserialize` with a bug).
+#[derive(Debug, Serialize)]
+struct Boom(u32);
+
+impl<'de> Deserialize<'de> for Boom {
+    fn deserialize<D: serde::Deserializer<'de>>(_: D) -> Result<Self, D::Error> {
+        panic!("a Deserialize that panics")
+    }
+}
+
+#[tokio::test]
+async fn a_panic_while_decoding_fails_the_attempt_and_frees_the_slot() {
+    let Some(redis) = connect().await else { return };
+    let fixture = Fixture::new("decodepanic");
+    let queue: Queue<Boom> = Queue::open(redis, fixture.config("boom").max_attempts(1))
+        .await
+        .unwrap();
+    let options = EnqueueOptions::new();
+    let jobs = [Boom(1), Boom(2), Boom(3)];
+    queue
+        .enqueue_many(jobs.iter().map(|job| (job, &options)))
+        .await
+        .unwrap();
+    // One slot: the second and third jobs run only if each panic gave the slot back.
+    let worker = Worker::new(queue.clone(), WorkerConfig::concurrency(1))
+        .start(|_job: Job<Boom>| async { Ok::<(), JobError>(()) })
+        .unwrap();
+    wait_until("three dead letters", Duration::from_secs(30), || async {
+        stats(&queue).await.dead == 3
+    })
+    .await;
+    let report = worker.shutdown(Duration::from_secs(5)).await;
+    assert_eq!(report.stats.panicked, 3);
+    assert_eq!(report.stats.running, 0);
+    let dead = queue.dead_letters(3).await.unwrap();
+    assert!(
+        dead.iter().all(|d| d
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .contains("a Deserialize that panics")),
+        "{dead:?}"
+    );
+    fixture.cleanup().await;
+}

@@ -33,7 +33,10 @@ pub const DASHBOARD_HTML: &str = include_str!("dashboard.html");
 /// | `GET /dashboard` | the live dashboard page (needs a monitor) |
 ///
 /// The metrics and the dashboard show cost by service: put them behind an
-/// [`auth`](HealthRoutes::auth) hook when the router is reachable from outside.
+/// [`auth`](HealthRoutes::auth) hook when the router is reachable from outside. A browser
+/// cannot add an `Authorization` header when it opens `/dashboard`: behind
+/// [`AuthHook::bearer`], reach the page through a proxy that adds the header, or give
+/// [`AuthHook::new`] a check of the host's session cookie (the page's requests send cookies).
 #[derive(Clone, Debug)]
 pub struct HealthRoutes {
     health: Arc<Health>,

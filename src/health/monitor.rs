@@ -373,9 +373,14 @@ impl Monitor {
     }
 
     fn slot_start(&self, index: u64) -> Timestamp {
-        let offset = self.config.resolution.saturating_mul(index as u32);
+        let nanos = self
+            .config
+            .resolution
+            .as_nanos()
+            .saturating_mul(u128::from(index));
+        let offset = SignedDuration::from_nanos(i64::try_from(nanos).unwrap_or(i64::MAX));
         self.started_at
-            .checked_add(SignedDuration::try_from(offset).unwrap_or(SignedDuration::ZERO))
+            .checked_add(offset)
             .unwrap_or(self.started_at)
     }
 
@@ -385,8 +390,9 @@ impl Monitor {
 
     /// Records one finished request.
     pub fn record(&self, latency: Duration, error: bool) {
-        let index = self.slot_index(Instant::now());
         let mut slots = lock(&self.requests);
+        // Read under the lock, so slots are pushed in order.
+        let index = self.slot_index(Instant::now());
         if slots.back().is_none_or(|s| s.index != index) {
             slots.push_back(Slot {
                 index,
@@ -530,19 +536,34 @@ impl Monitor {
     pub fn snapshot(&self) -> MetricsSnapshot {
         let now = self.slot_index(Instant::now());
         let seconds = self.config.resolution.as_secs_f64();
-        let requests = lock(&self.requests)
-            .iter()
-            .filter(|s| s.index < now)
-            .map(|s| RequestPoint {
-                at: self.slot_start(s.index),
-                requests: s.requests,
-                errors: s.errors,
-                rps: s.requests as f64 / seconds,
-                p50_ms: s.latency.quantile_ms(0.50),
-                p95_ms: s.latency.quantile_ms(0.95),
-                p99_ms: s.latency.quantile_ms(0.99),
-            })
-            .collect();
+        // Every slot of the history up to now, the idle ones as zeros (an outage shows).
+        let first = now.saturating_sub(self.slots_kept() - 1);
+        let requests = {
+            let slots = lock(&self.requests);
+            let mut recorded = slots.iter().filter(|s| s.index >= first).peekable();
+            (first..now)
+                .map(|index| match recorded.next_if(|s| s.index == index) {
+                    Some(s) => RequestPoint {
+                        at: self.slot_start(index),
+                        requests: s.requests,
+                        errors: s.errors,
+                        rps: s.requests as f64 / seconds,
+                        p50_ms: s.latency.quantile_ms(0.50),
+                        p95_ms: s.latency.quantile_ms(0.95),
+                        p99_ms: s.latency.quantile_ms(0.99),
+                    },
+                    None => RequestPoint {
+                        at: self.slot_start(index),
+                        requests: 0,
+                        errors: 0,
+                        rps: 0.0,
+                        p50_ms: 0.0,
+                        p95_ms: 0.0,
+                        p99_ms: 0.0,
+                    },
+                })
+                .collect()
+        };
         let mut active: Vec<Alert> = lock(&self.active).values().cloned().collect();
         active.sort_by_key(|a| a.at);
         MetricsSnapshot {
@@ -556,9 +577,9 @@ impl Monitor {
         }
     }
 
-    /// Refreshes the cost figures, evaluates every rule now, sends the alerts whose condition
-    /// has just started to hold, and forgets those that cleared. Returns the alerts sent.
-    pub async fn evaluate(&self) -> Vec<Alert> {
+    /// Evaluates every rule, marks the alerts whose condition has just started to hold as
+    /// active and returns them, and forgets those that cleared.
+    async fn judge(&self) -> Vec<Alert> {
         let now = Timestamp::now();
         let window_start = now
             .checked_sub(
@@ -645,6 +666,8 @@ impl Monitor {
                 ));
             }
         }
+        // Conditions whose figures could not be read this time keep their state.
+        let mut unknown_prefixes: Vec<&str> = Vec::new();
         let meter = lock(&self.meter).clone();
         if let Some(meter) = meter {
             match meter.report(ReportPeriod::Day).await {
@@ -696,6 +719,7 @@ impl Monitor {
                         }
                     }
                     Err(error) => {
+                        unknown_prefixes.push("cost|");
                         tracing::warn!(%error, "the monitor could not read the cost anomalies")
                     }
                 }
@@ -708,7 +732,8 @@ impl Monitor {
             let holding: std::collections::HashSet<&String> =
                 firing.iter().map(|(key, _)| key).collect();
             active.retain(|key, alert| {
-                let keep = holding.contains(key);
+                let keep = holding.contains(key)
+                    || unknown_prefixes.iter().any(|prefix| key.starts_with(prefix));
                 if !keep {
                     tracing::info!(kind = alert.kind.as_str(), entity = %alert.entity, "alert cleared");
                 }
@@ -721,14 +746,27 @@ impl Monitor {
                 }
             }
         }
-        let sinks = lock(&self.sinks).clone();
-        for alert in &sent {
+        sent
+    }
+
+    /// Sends `alerts` through every sink, one after the other.
+    async fn dispatch(sinks: Vec<Arc<dyn AlertSink>>, alerts: &[Alert]) {
+        for alert in alerts {
             for sink in &sinks {
                 if let Err(error) = sink.send(alert).await {
                     tracing::warn!(%error, kind = alert.kind.as_str(), "an alert sink failed");
                 }
             }
         }
+    }
+
+    /// Refreshes the cost figures, evaluates every rule now, sends the alerts whose condition
+    /// has just started to hold (waiting for the sinks), and forgets those that cleared.
+    /// Returns the alerts sent.
+    pub async fn evaluate(&self) -> Vec<Alert> {
+        let sent = self.judge().await;
+        let sinks = lock(&self.sinks).clone();
+        Self::dispatch(sinks, &sent).await;
         sent
     }
 
@@ -738,7 +776,8 @@ impl Monitor {
     }
 
     /// Starts the ticker: samples the caches every slot and evaluates the rules every
-    /// `evaluate_every`. It stops when the last other `Arc` of the monitor is dropped.
+    /// `evaluate_every`, sending new alerts from a task of their own. It stops when the last
+    /// other `Arc` of the monitor is dropped.
     pub fn spawn(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         let weak = Arc::downgrade(self);
         let resolution = self.config.resolution;
@@ -753,7 +792,12 @@ impl Monitor {
                 monitor.sample();
                 if last_evaluation.elapsed() >= evaluate_every {
                     last_evaluation = Instant::now();
-                    monitor.evaluate().await;
+                    let sent = monitor.judge().await;
+                    if !sent.is_empty() {
+                        // A slow sink (a webhook retrying) must not stop the sampling.
+                        let sinks = lock(&monitor.sinks).clone();
+                        tokio::spawn(async move { Monitor::dispatch(sinks, &sent).await });
+                    }
                 }
             }
         })
@@ -841,6 +885,24 @@ mod tests {
             "{summary:?}"
         );
         assert_eq!(summary.max_ms, 100.0);
+    }
+
+    #[tokio::test]
+    async fn idle_slots_show_as_zeros_in_the_series() {
+        let monitor = Monitor::new(
+            MonitorConfig::default()
+                .resolution(Duration::from_millis(10))
+                .history(Duration::from_secs(1))
+                .window(Duration::from_millis(500)),
+        )
+        .unwrap();
+        monitor.record(Duration::from_millis(1), false);
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        let points = monitor.snapshot().requests;
+        assert!(points.len() >= 5, "{points:?}");
+        assert_eq!(points.iter().map(|p| p.requests).sum::<u64>(), 1);
+        assert!(points.iter().filter(|p| p.requests == 0).count() >= 4);
+        assert!(points.windows(2).all(|w| w[0].at < w[1].at), "in order");
     }
 
     #[test]

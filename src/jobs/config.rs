@@ -462,7 +462,7 @@ impl WorkerConfig {
     /// The slots a worker starts with, and its bounds.
     pub(crate) fn bounds(&self) -> (u32, u32, u32) {
         match self.scaling {
-            Some(s) => (s.min.max(1), s.min.max(1), s.max),
+            Some(s) => (s.min.max(1), s.min, s.max),
             None => (self.concurrency, self.concurrency, self.concurrency),
         }
     }
@@ -531,6 +531,12 @@ mod tests {
             .validate()
             .unwrap_err();
         assert!(err.to_string().contains("5..=2"), "{err}");
+        assert!(
+            WorkerConfig::default()
+                .scaling(Scaling::between(0, 4))
+                .validate()
+                .is_err()
+        );
         let long = "k".repeat(MAX_DEDUP_KEY_LEN + 1);
         let err = EnqueueOptions::new()
             .dedup(long, Duration::from_secs(1))

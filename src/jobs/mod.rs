@@ -53,7 +53,7 @@ pub use config::{
     QueueConfig, RateLimit, Scaling, WorkerConfig,
 };
 #[cfg(feature = "redis")]
-pub use queue::{DeadJob, ENQUEUE_CHUNK, Enqueued, Queue};
+pub use queue::{DeadJob, ENQUEUE_CHUNK, ENQUEUE_CHUNK_BYTES, Enqueued, MAX_LIMIT, Queue};
 pub use stats::{QueueStats, WorkerStats};
 #[cfg(feature = "redis")]
 pub use worker::{

@@ -51,7 +51,7 @@ pub struct DeadJob {
 impl DeadJob {
     /// The payload, decoded.
     pub fn decode<T: DeserializeOwned>(&self) -> Result<T> {
-        decode_payload::<T>(&self.payload).map(|(data, _)| data)
+        decode_payload::<T>(self.payload.as_bytes()).map(|(data, _)| data)
     }
 }
 
@@ -71,13 +71,13 @@ struct Envelope<T> {
 }
 
 /// Decodes a stored payload into the job's data and user.
-pub(crate) fn decode_payload<T: DeserializeOwned>(payload: &str) -> Result<(T, Option<String>)> {
-    serde_json::from_str::<Envelope<T>>(payload)
+pub(crate) fn decode_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<(T, Option<String>)> {
+    serde_json::from_slice::<Envelope<T>>(payload)
         .map(|envelope| (envelope.data, envelope.user))
         .map_err(|e| {
             Error::corrupt(format_args!(
                 "job payload {:?} is not a {}: {e}",
-                excerpt(payload),
+                excerpt(&String::from_utf8_lossy(payload)),
                 std::any::type_name::<T>()
             ))
         })
@@ -92,7 +92,9 @@ pub(crate) struct ClaimedJob {
     pub(crate) max_attempts: u32,
     pub(crate) priority: Priority,
     pub(crate) enqueued_ms: i64,
-    pub(crate) payload: String,
+    /// The stored payload; decoded by the worker (a payload that does not decode fails its
+    /// job alone).
+    pub(crate) payload: Vec<u8>,
 }
 
 /// What a worker should do after a claim.
@@ -147,6 +149,11 @@ pub(crate) enum Settled {
 
 /// The most jobs [`Queue::enqueue_many`] sends in one script call.
 pub const ENQUEUE_CHUNK: usize = 1_000;
+/// The most payload bytes [`Queue::enqueue_many`] sends in one script call (a single larger
+/// job goes alone).
+pub const ENQUEUE_CHUNK_BYTES: usize = 16 << 20;
+/// The longest [`Queue::limit_for`] holds claims.
+pub const MAX_LIMIT: Duration = Duration::from_secs(3_600);
 
 /// The longest error text stored with a job.
 const MAX_ERROR_LEN: usize = 2_048;
@@ -260,7 +267,7 @@ impl<T: Serialize + DeserializeOwned + Send + Sync + 'static> Queue<T> {
     }
 
     /// Adds jobs, each with its own options: one round trip (one atomic script) per
-    /// [`ENQUEUE_CHUNK`] jobs. Every job is checked before any is sent; if Redis fails midway,
+    /// [`ENQUEUE_CHUNK`] jobs or [`ENQUEUE_CHUNK_BYTES`] of payload. Every job is checked before any is sent; if Redis fails midway,
     /// the chunks before the failing one are enqueued (enqueue again with dedup keys to make
     /// that safe).
     pub async fn enqueue_many<'a, I>(&self, jobs: I) -> Result<Vec<Enqueued>>
@@ -273,7 +280,7 @@ impl<T: Serialize + DeserializeOwned + Send + Sync + 'static> Queue<T> {
             encoded.push(self.encode(job, options)?);
         }
         let mut out = Vec::with_capacity(encoded.len());
-        for chunk in encoded.chunks(ENQUEUE_CHUNK) {
+        for chunk in chunks(&encoded) {
             let mut invocation = ENQUEUE_SCRIPT.prepare_invoke();
             self.add_keys(&mut invocation);
             invocation.arg(chunk.len());
@@ -349,13 +356,15 @@ impl<T: Serialize + DeserializeOwned + Send + Sync + 'static> Queue<T> {
         Ok(())
     }
 
-    /// Lets workers claim again after [`pause`](Self::pause), and wakes them.
+    /// Lets workers claim again after [`pause`](Self::pause) or
+    /// [`limit_for`](Self::limit_for), and wakes them.
     pub async fn resume(&self) -> Result<()> {
         let mut pipe = redis::pipe();
         pipe.atomic()
             .cmd("HDEL")
             .arg(self.key(7))
             .arg("paused")
+            .arg("limited_until")
             .ignore()
             .cmd("LPUSH")
             .arg(self.marker_key())
@@ -369,12 +378,14 @@ impl<T: Serialize + DeserializeOwned + Send + Sync + 'static> Queue<T> {
         self.inner.connection.pipeline("jobs resume", &pipe).await
     }
 
-    /// Holds every process's claims for `pause` (a provider answered 429), on Redis's clock.
-    /// A later limit already in place is kept. Returns how long claims are now held.
+    /// Holds every process's claims for `pause` (a provider answered 429), on Redis's clock,
+    /// at most [`MAX_LIMIT`] (a provider's hint is not trusted further). A later limit
+    /// already in place is kept; [`resume`](Self::resume) lifts it. Returns how long claims
+    /// are now held.
     pub async fn limit_for(&self, pause: Duration) -> Result<Duration> {
         let mut invocation = LIMIT_SCRIPT.prepare_invoke();
         self.add_keys(&mut invocation);
-        invocation.arg(millis(pause));
+        invocation.arg(millis(pause.min(MAX_LIMIT)));
         let held: i64 = self
             .inner
             .connection
@@ -451,7 +462,7 @@ impl<T: Serialize + DeserializeOwned + Send + Sync + 'static> Queue<T> {
         pipe.cmd("HMGET").arg(self.key(4)).arg(&ids);
         pipe.cmd("HMGET").arg(self.key(5)).arg(&ids);
         pipe.cmd("HMGET").arg(self.key(6)).arg(&ids);
-        type Column = Vec<Option<String>>;
+        type Column = Vec<Option<Vec<u8>>>;
         let (payloads, infos, errors): (Column, Column, Column) = self
             .inner
             .connection
@@ -459,17 +470,20 @@ impl<T: Serialize + DeserializeOwned + Send + Sync + 'static> Queue<T> {
             .await?;
         let mut out = Vec::with_capacity(listed.len());
         for (k, (id, at)) in listed.into_iter().enumerate() {
-            let attempts = infos
-                .get(k)
-                .and_then(|i| i.as_deref())
-                .and_then(|i| i.split('|').next())
-                .and_then(|a| a.parse().ok())
+            let text = |column: &Column| {
+                column
+                    .get(k)
+                    .and_then(|v| v.as_deref())
+                    .map(|bytes| String::from_utf8_lossy(bytes).into_owned())
+            };
+            let attempts = text(&infos)
+                .and_then(|i| i.split('|').next().and_then(|a| a.parse().ok()))
                 .unwrap_or(0);
             out.push(DeadJob {
                 id,
-                payload: payloads.get(k).cloned().flatten().unwrap_or_default(),
+                payload: text(&payloads).unwrap_or_default(),
                 attempts,
-                error: errors.get(k).cloned().flatten(),
+                error: text(&errors),
                 dead_at: Timestamp::from_millisecond(at as i64).unwrap_or(Timestamp::UNIX_EPOCH),
             });
         }
@@ -577,6 +591,25 @@ impl<T: Serialize + DeserializeOwned + Send + Sync + 'static> Queue<T> {
     }
 }
 
+/// `encoded` cut into runs of at most [`ENQUEUE_CHUNK`] jobs and [`ENQUEUE_CHUNK_BYTES`]
+/// (at least one job each).
+fn chunks(encoded: &[[Vec<u8>; 6]]) -> Vec<&[[Vec<u8>; 6]]> {
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, job) in encoded.iter().enumerate() {
+        let size: usize = job.iter().map(Vec::len).sum();
+        if i > start && (i - start == ENQUEUE_CHUNK || bytes + size > ENQUEUE_CHUNK_BYTES) {
+            out.push(&encoded[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += size;
+    }
+    if start < encoded.len() {
+        out.push(&encoded[start..]);
+    }
+    out
+}
+
 fn parse_claim(reply: &[Value]) -> Option<Claimed> {
     let (head, rest) = reply.split_at_checked(4)?;
     let now_ms = int(&head[0])?;
@@ -600,7 +633,10 @@ fn parse_claim(reply: &[Value]) -> Option<Claimed> {
                 max_attempts: u32::try_from(int(&job[3])?).ok()?,
                 priority: Priority::from_level(int(&job[4])?),
                 enqueued_ms: int(&job[5])?,
-                payload: text(&job[6])?,
+                payload: match &job[6] {
+                    Value::BulkString(bytes) => bytes.clone(),
+                    _ => return None,
+                },
             })
         })
         .collect::<Option<Vec<_>>>()?;
@@ -664,7 +700,7 @@ mod tests {
             Value::Int(3),
             Value::Int(0),
             Value::Int(1_699_999_999_000),
-            Value::BulkString(br#"{"data":"x"}"#.to_vec()),
+            Value::BulkString(vec![0xff, 0xfe]),
         ];
         let claimed = parse_claim(&reply).expect("parses");
         assert_eq!(claimed.next, Next::Sleep(Duration::from_millis(250)));
@@ -676,14 +712,35 @@ mod tests {
 
     #[test]
     fn a_payload_that_does_not_decode_says_what_it_expected() {
-        let err = decode_payload::<u32>(r#"{"data":"not a number"}"#).unwrap_err();
+        let err = decode_payload::<u32>(br#"{"data":"not a number"}"#).unwrap_err();
         let text = err.to_string();
         assert!(
             text.contains("u32") && text.contains("not a number"),
             "{text}"
         );
-        let (data, user) = decode_payload::<u32>(r#"{"user":"7","data":5}"#).unwrap();
+        assert!(
+            decode_payload::<u32>(&[0xff, 0xfe]).is_err(),
+            "bytes that are not UTF-8"
+        );
+        let (data, user) = decode_payload::<u32>(br#"{"user":"7","data":5}"#).unwrap();
         assert_eq!((data, user.as_deref()), (5, Some("7")));
+    }
+
+    #[test]
+    fn enqueue_chunks_are_bounded_by_count_and_bytes() {
+        let small = || std::array::from_fn::<Vec<u8>, 6, _>(|_| vec![0; 10]);
+        let jobs: Vec<[Vec<u8>; 6]> = (0..2_500).map(|_| small()).collect();
+        let sizes: Vec<usize> = chunks(&jobs).iter().map(|c| c.len()).collect();
+        assert_eq!(sizes, [1_000, 1_000, 500]);
+        let big = || {
+            let mut job = small();
+            job[0] = vec![0; 6 << 20];
+            job
+        };
+        let jobs: Vec<[Vec<u8>; 6]> = (0..5).map(|_| big()).collect();
+        let sizes: Vec<usize> = chunks(&jobs).iter().map(|c| c.len()).collect();
+        assert_eq!(sizes, [2, 2, 1]);
+        assert!(chunks(&[]).is_empty());
     }
 
     #[test]

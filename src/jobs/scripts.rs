@@ -10,7 +10,7 @@
 //! | 2 | `delayed` | ZSET | id → run-at ms: delayed jobs and retries waiting out their backoff |
 //! | 3 | `active` | ZSET | id → lease deadline ms: running jobs |
 //! | 4 | `job` | HASH | id → payload (JSON) |
-//! | 5 | `info` | HASH | id → `attempts\|max\|level\|token\|enqueued_ms\|dedup key` |
+//! | 5 | `info` | HASH | id → `attempts\|max\|level\|token\|enqueued_ms\|dedup key`; the token is `seq.now_ms` |
 //! | 6 | `error` | HASH | id → the last error |
 //! | 7 | `meta` | HASH | `paused`, `limited_until`: state set at run time |
 //! | 8 | `rate` | STRING | the limiter's theoretical arrival time, µs |
@@ -43,7 +43,7 @@ local keep_dead = 10000
 local function read_info(id)
   local v = redis.call('HGET', KEYS[5], id)
   if not v then return nil end
-  local a, m, l, tk, e, d = string.match(v, '^(%d+)|(%d+)|(%d+)|(%d+)|(%d+)|(.*)$')
+  local a, m, l, tk, e, d = string.match(v, '^(%d+)|(%d+)|(%d+)|([%d%.]+)|(%d+)|(.*)$')
   if not a then return nil end
   return {attempts = tonumber(a), max = tonumber(m), level = tonumber(l), token = tk,
           enqueued = tonumber(e), dedup = d}
@@ -203,7 +203,8 @@ for k = 1, #popped, 2 do
   local payload = redis.call('HGET', KEYS[4], id)
   if i and payload then
     i.attempts = i.attempts + 1
-    i.token = int(redis.call('INCR', KEYS[9]))
+    -- The clock part keeps tokens unique after Redis lost its data and `seq` started over.
+    i.token = int(redis.call('INCR', KEYS[9])) .. '.' .. int(now)
     write_info(id, i)
     redis.call('ZADD', KEYS[3], now + lease, id)
     local n = #out
@@ -242,8 +243,8 @@ end
 return out
 "#;
 
-/// Renews leases. ARGV: lease ms, then `id, token` pairs. Returns the ids whose lease is no
-/// longer this worker's.
+/// Renews leases. ARGV: lease ms, then `id, token` pairs. Returns the tokens whose lease is
+/// no longer this worker's.
 const HEARTBEAT: &str = r#"
 local lease = tonumber(ARGV[1])
 local lost = {}
@@ -252,7 +253,7 @@ for k = 2, #ARGV, 2 do
   if holds(id, token) then
     redis.call('ZADD', KEYS[3], 'XX', now + lease, id)
   else
-    lost[#lost + 1] = id
+    lost[#lost + 1] = token
   end
 end
 return lost
@@ -269,6 +270,7 @@ const SETTLE: &str = r#"
 keep_dead = tonumber(ARGV[1])
 local n = tonumber(ARGV[2])
 local out = {}
+local delayed = false
 for j = 0, n - 1 do
   local b = 3 + j * 5
   local op, id, token, delay, err = ARGV[b], ARGV[b + 1], ARGV[b + 2], tonumber(ARGV[b + 3]), ARGV[b + 4]
@@ -287,6 +289,7 @@ for j = 0, n - 1 do
       write_info(id, i)
       if delay > 0 then
         redis.call('ZADD', KEYS[2], now + delay, id)
+        delayed = true
       else
         redis.call('ZADD', KEYS[1], i.level * SHIFT + tonumber(id), id)
       end
@@ -299,14 +302,16 @@ for j = 0, n - 1 do
       else
         redis.call('HSET', KEYS[6], id, err)
         redis.call('ZADD', KEYS[2], now + delay, id)
+        delayed = true
         redis.call('HINCRBY', KEYS[12], 'retried', 1)
       end
     end
   end
   out[#out + 1] = status
 end
--- Workers blocked on a full concurrency cap (or on a released job) can claim again.
-if redis.call('ZCARD', KEYS[1]) > 0 then wake() end
+-- Workers blocked on a full concurrency cap (or on a released job) can claim again, and
+-- idle workers learn of a retry's run-at time.
+if delayed or redis.call('ZCARD', KEYS[1]) > 0 then wake() end
 return out
 "#;
 

@@ -31,6 +31,8 @@ pub const SYSTEM_USER: &str = "system";
 /// One claimed job, handed to the handler: its data and where it stands.
 pub struct Job<T> {
     id: String,
+    /// The claim's fencing token: unique per claim, across restarts of Redis too.
+    token: String,
     data: T,
     user: Option<String>,
     attempt: u32,
@@ -103,12 +105,12 @@ impl<T> Job<T> {
     }
 
     /// A usage event for `model`, booked to the queue's service and the job's user (or
-    /// [`SYSTEM_USER`]), with a request id unique to this attempt
-    /// (`job:<queue>:<id>:<attempt>`), so that a retry of the same attempt's report counts
-    /// once and a new attempt (which calls the API again) counts again.
+    /// [`SYSTEM_USER`]), with a request id unique to this run (`job:<queue>:<id>:<claim
+    /// token>`): reporting the same run's usage twice counts once, and every new run (a retry,
+    /// a run after a release, a revived dead job), which calls the API again, counts again.
     pub fn usage(&self, model: impl Into<String>) -> Usage {
         Usage::new(
-            format!("job:{}:{}:{}", self.queue, self.id, self.attempt),
+            format!("job:{}:{}:{}", self.queue, self.id, self.token),
             self.service.as_ref(),
             self.user.as_deref().unwrap_or(SYSTEM_USER),
             model,
@@ -379,8 +381,8 @@ impl fmt::Debug for WorkerWatch {
 pub struct ShutdownReport {
     /// Jobs that finished (completed, retried or dead-lettered) after claiming stopped.
     pub finished: u64,
-    /// Jobs still running at the deadline: cancelled and given back to the queue without
-    /// spending an attempt.
+    /// Jobs given back to the queue without spending an attempt after claiming stopped: those
+    /// still running at the deadline (cancelled), and any a provider's 429 released meanwhile.
     pub released: u64,
     /// The worker's final counters.
     pub stats: WorkerStats,
@@ -496,8 +498,10 @@ struct Core {
     times: Mutex<Times>,
 }
 
+/// A running job, in the map keyed by its claim's token (an id can be claimed again while an
+/// older run of it still ends).
 struct RunningJob {
-    token: String,
+    id: String,
     abort: AbortHandle,
     reason: Arc<AtomicU8>,
 }
@@ -747,102 +751,104 @@ async fn wait_for_work<T: Serialize + DeserializeOwned + Send + Sync + 'static>(
 async fn run_job<T: Serialize + DeserializeOwned + Send + Sync + 'static>(
     core: Arc<Core>,
     context: Arc<JobContext<T>>,
-    job: ClaimedJob,
+    mut job: ClaimedJob,
     now_ms: i64,
     settle_tx: mpsc::UnboundedSender<Finished>,
 ) {
+    // Frees the slot on every way out.
+    let _slot = SlotGuard(core.clone());
     let wait_ms = (now_ms - job.enqueued_ms).max(0) as f64;
     context.wait_time_record(&core, wait_ms);
     let started = Instant::now();
-    let settle = match decode_payload::<T>(&job.payload) {
-        Err(error) => Some(Settle::Bury {
+    let reason = Arc::new(AtomicU8::new(RUNNING));
+    // Decoding (the payload's `Deserialize`) and the handler's call run in the job's own task
+    // too: a panic anywhere in them fails the attempt, and nothing else.
+    let payload = std::mem::take(&mut job.payload);
+    let handler = context.handler.clone();
+    let handed = JobFacts {
+        id: job.id.clone(),
+        token: job.token.clone(),
+        attempt: job.attempt,
+        max_attempts: job.max_attempts,
+        priority: job.priority,
+        enqueued_at: timestamp(job.enqueued_ms),
+        claimed_at: timestamp(now_ms),
+        queue: context.name.clone(),
+        service: context.service.clone(),
+        meter: context.meter.clone(),
+    };
+    let mut task = tokio::spawn(async move {
+        let (data, user) = decode_payload::<T>(&payload).map_err(JobError::fatal)?;
+        handler.call(handed.into_job(data, user)).await
+    });
+    {
+        let mut running = core.lock_running();
+        if core.cancelling.load(Ordering::Acquire) {
+            reason.store(SHUTTING_DOWN, Ordering::Release);
+            task.abort();
+        }
+        running.insert(
+            job.token.clone(),
+            RunningJob {
+                id: job.id.clone(),
+                abort: task.abort_handle(),
+                reason: reason.clone(),
+            },
+        );
+    }
+    let ended = tokio::time::timeout(context.job_timeout, &mut task).await;
+    core.lock_running().remove(&job.token);
+    let settle = match ended {
+        Ok(Ok(Ok(()))) => Some(Settle::Complete),
+        Ok(Ok(Err(JobError::Retry(error)))) => Some(context.fail(&job, error.to_string())),
+        Ok(Ok(Err(JobError::Fatal(error)))) => Some(Settle::Bury {
             error: error.to_string(),
         }),
-        Ok((data, user)) => {
-            let handed = Job {
-                id: job.id.clone(),
-                data,
-                user,
-                attempt: job.attempt,
-                max_attempts: job.max_attempts,
-                priority: job.priority,
-                enqueued_at: timestamp(job.enqueued_ms),
-                claimed_at: timestamp(now_ms),
-                queue: context.name.clone(),
-                service: context.service.clone(),
-                meter: context.meter.clone(),
-            };
-            let reason = Arc::new(AtomicU8::new(RUNNING));
-            let mut task = tokio::spawn(context.handler.call(handed));
-            {
-                let mut running = core.lock_running();
-                if core.cancelling.load(Ordering::Acquire) {
-                    reason.store(SHUTTING_DOWN, Ordering::Release);
-                    task.abort();
-                }
-                running.insert(
-                    job.id.clone(),
-                    RunningJob {
-                        token: job.token.clone(),
-                        abort: task.abort_handle(),
-                        reason: reason.clone(),
-                    },
-                );
+        Ok(Ok(Err(JobError::RateLimited { retry_after }))) => {
+            if let Err(error) = context.queue.limit_for(retry_after).await {
+                tracing::warn!(queue = %core.queue, %error, "holding claims after a 429 failed");
             }
-            let ended = tokio::time::timeout(context.job_timeout, &mut task).await;
-            core.lock_running().remove(&job.id);
-            let settle = match ended {
-                Ok(Ok(Ok(()))) => Some(Settle::Complete),
-                Ok(Ok(Err(JobError::Retry(error)))) => Some(context.fail(&job, error.to_string())),
-                Ok(Ok(Err(JobError::Fatal(error)))) => Some(Settle::Bury {
-                    error: error.to_string(),
-                }),
-                Ok(Ok(Err(JobError::RateLimited { retry_after }))) => {
-                    if let Err(error) = context.queue.limit_for(retry_after).await {
-                        tracing::warn!(queue = %core.queue, %error, "holding claims after a 429 failed");
-                    }
-                    Some(Settle::Release {
-                        delay: Duration::ZERO,
-                    })
-                }
-                Ok(Err(join)) if join.is_panic() => {
-                    core.counters.panicked.add(1);
-                    let message = panic_message(join.into_panic());
-                    tracing::error!(queue = %core.queue, id = %job.id, %message, "job handler panicked");
-                    Some(context.fail(&job, format!("the handler panicked: {message}")))
-                }
-                Ok(Err(_cancelled)) => match reason.load(Ordering::Acquire) {
-                    LEASE_LOST => {
-                        core.counters.lease_lost.add(1);
-                        core.event(&job, JobOutcome::LeaseLost);
-                        None
-                    }
-                    SHUTTING_DOWN => Some(Settle::Release {
-                        delay: Duration::ZERO,
-                    }),
-                    _ => Some(context.fail(&job, "the handler was cancelled".to_owned())),
-                },
-                Err(_elapsed) => {
-                    task.abort();
-                    core.counters.timed_out.add(1);
-                    Some(context.fail(
-                        &job,
-                        format!(
-                            "timed out after {:?} and was cancelled",
-                            context.job_timeout
-                        ),
-                    ))
-                }
-            };
-            let run = started.elapsed().as_secs_f64();
-            core.run_time.record(run);
-            let mut times = core.lock_times();
-            times.runs += 1;
-            times.run_total += run * 1e3;
-            times.run_max = times.run_max.max(run * 1e3);
-            settle
+            Some(Settle::Release {
+                delay: Duration::ZERO,
+            })
+        }
+        Ok(Err(join)) if join.is_panic() => {
+            core.counters.panicked.add(1);
+            let message = panic_message(join.into_panic());
+            tracing::error!(queue = %core.queue, id = %job.id, %message, "job handler panicked");
+            Some(context.fail(&job, format!("the handler panicked: {message}")))
+        }
+        Ok(Err(_cancelled)) => match reason.load(Ordering::Acquire) {
+            LEASE_LOST => {
+                core.counters.lease_lost.add(1);
+                core.event(&job, JobOutcome::LeaseLost);
+                None
+            }
+            SHUTTING_DOWN => Some(Settle::Release {
+                delay: Duration::ZERO,
+            }),
+            _ => Some(context.fail(&job, "the handler was cancelled".to_owned())),
+        },
+        Err(_elapsed) => {
+            task.abort();
+            core.counters.timed_out.add(1);
+            Some(context.fail(
+                &job,
+                format!(
+                    "timed out after {:?} and was cancelled",
+                    context.job_timeout
+                ),
+            ))
         }
     };
+    let run = started.elapsed().as_secs_f64();
+    core.run_time.record(run);
+    {
+        let mut times = core.lock_times();
+        times.runs += 1;
+        times.run_total += run * 1e3;
+        times.run_max = times.run_max.max(run * 1e3);
+    }
     if let Some(settle) = settle {
         let _ = settle_tx.send(Finished {
             job,
@@ -850,8 +856,49 @@ async fn run_job<T: Serialize + DeserializeOwned + Send + Sync + 'static>(
             lease_ends: Instant::now() + core.lease,
         });
     }
-    core.running_count.fetch_sub(1, Ordering::AcqRel);
-    core.slot_freed.notify_one();
+}
+
+/// One claimed job's slot: given back when the job's supervisor ends, however it ends.
+struct SlotGuard(Arc<Core>);
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        self.0.running_count.fetch_sub(1, Ordering::AcqRel);
+        self.0.slot_freed.notify_one();
+    }
+}
+
+/// What a [`Job`] carries besides its data, gathered before the payload is decoded.
+struct JobFacts {
+    id: String,
+    token: String,
+    attempt: u32,
+    max_attempts: u32,
+    priority: Priority,
+    enqueued_at: Timestamp,
+    claimed_at: Timestamp,
+    queue: Arc<str>,
+    service: Arc<str>,
+    meter: Option<Arc<dyn CostMeter>>,
+}
+
+impl JobFacts {
+    fn into_job<T>(self, data: T, user: Option<String>) -> Job<T> {
+        Job {
+            id: self.id,
+            token: self.token,
+            data,
+            user,
+            attempt: self.attempt,
+            max_attempts: self.max_attempts,
+            priority: self.priority,
+            enqueued_at: self.enqueued_at,
+            claimed_at: self.claimed_at,
+            queue: self.queue,
+            service: self.service,
+            meter: self.meter,
+        }
+    }
 }
 
 impl<T> JobContext<T> {
@@ -975,7 +1022,7 @@ async fn heartbeat_loop<T: Serialize + DeserializeOwned + Send + Sync + 'static>
         let leases: Vec<(String, String)> = core
             .lock_running()
             .iter()
-            .map(|(id, job)| (id.clone(), job.token.clone()))
+            .map(|(token, job)| (job.id.clone(), token.clone()))
             .collect();
         if leases.is_empty() {
             continue;
@@ -984,9 +1031,9 @@ async fn heartbeat_loop<T: Serialize + DeserializeOwned + Send + Sync + 'static>
         match queue.heartbeat(&leases).await {
             Ok(lost) => {
                 let running = core.lock_running();
-                for id in lost {
-                    if let Some(job) = running.get(&id) {
-                        tracing::warn!(queue = %core.queue, %id, "lease lost; cancelling the job");
+                for token in lost {
+                    if let Some(job) = running.get(&token) {
+                        tracing::warn!(queue = %core.queue, id = %job.id, "lease lost; cancelling the job");
                         job.reason.store(LEASE_LOST, Ordering::Release);
                         job.abort.abort();
                     }
