@@ -269,7 +269,7 @@ pub fn header(bytes: &[u8]) -> Result<Header> {
 
 /// Decodes a whole envelope. `max_value_bytes` bounds the decompressed payload, so a
 /// corrupt length prefix cannot make it allocate more.
-pub fn decode<V: DeserializeOwned>(
+pub fn decode<V: DeserializeOwned + 'static>(
     key: &str,
     bytes: &[u8],
     max_value_bytes: usize,
@@ -300,6 +300,11 @@ pub fn decode<V: DeserializeOwned>(
         key: excerpt(key),
         source,
     };
+    if format == Format::Postcard
+        && let Some(value) = embedding_fast_path::<V>(payload)
+    {
+        return Ok(Decoded { header, value });
+    }
     let value = match format {
         Format::Postcard => postcard::from_bytes(payload).map_err(|e| decode_error(Box::new(e)))?,
         Format::MessagePack => {
@@ -310,10 +315,69 @@ pub fn decode<V: DeserializeOwned>(
     Ok(Decoded { header, value })
 }
 
+/// Embeddings (`Vec<f32>`) are the values an AI service caches most. serde decodes a
+/// sequence one element at a time through a visitor; postcard's layout for them (a varint
+/// length, then little-endian floats) can be read in one pass instead, several times faster.
+/// `None` for any other type, or bytes that are not exactly that layout (the generic decoder
+/// then reports what is wrong).
+fn embedding_fast_path<V: 'static>(payload: &[u8]) -> Option<V> {
+    if std::any::TypeId::of::<V>() != std::any::TypeId::of::<Vec<f32>>() {
+        return None;
+    }
+    let (len, floats) = postcard_varint(payload)?;
+    if floats.len() / 4 != len || floats.len() % 4 != 0 {
+        return None;
+    }
+    let vector: Vec<f32> = floats
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    let boxed: Box<dyn std::any::Any> = Box::new(vector);
+    boxed.downcast::<V>().ok().map(|value| *value)
+}
+
+/// A postcard varint (LEB128, at most 10 bytes) at the start of `bytes`, and the rest.
+fn postcard_varint(bytes: &[u8]) -> Option<(usize, &[u8])> {
+    let mut value: u64 = 0;
+    for (i, &byte) in bytes.iter().enumerate().take(10) {
+        value |= u64::from(byte & 0x7f).checked_shl(7 * i as u32)?;
+        if byte & 0x80 == 0 {
+            return Some((usize::try_from(value).ok()?, &bytes[i + 1..]));
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde::{Deserialize, Serialize};
+
+    #[test]
+    fn embeddings_decode_through_the_fast_path_exactly_as_serde_does() {
+        for len in [0usize, 1, 127, 128, 256, 1_536, 20_000] {
+            let vector: Vec<f32> = (0..len).map(|i| i as f32 * 0.25 - 3.0).collect();
+            let bytes = postcard::to_allocvec(&vector).unwrap();
+            assert_eq!(
+                embedding_fast_path::<Vec<f32>>(&bytes),
+                Some(vector.clone())
+            );
+            let slow: Vec<f32> = postcard::from_bytes(&bytes).unwrap();
+            assert_eq!(slow, vector);
+        }
+        // Other types, truncated or padded bytes, and an overlong varint go the generic way.
+        let bytes = postcard::to_allocvec(&vec![1.0f32, 2.0]).unwrap();
+        assert_eq!(embedding_fast_path::<Vec<f64>>(&bytes), None);
+        assert_eq!(
+            embedding_fast_path::<Vec<f32>>(&bytes[..bytes.len() - 1]),
+            None
+        );
+        let mut padded = bytes.clone();
+        padded.push(0);
+        assert_eq!(embedding_fast_path::<Vec<f32>>(&padded), None);
+        assert_eq!(embedding_fast_path::<Vec<f32>>(&[0xff; 11]), None);
+        assert_eq!(embedding_fast_path::<Vec<f32>>(&[]), None);
+    }
 
     #[derive(Debug, PartialEq, Serialize, Deserialize)]
     struct Message {
