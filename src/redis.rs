@@ -296,6 +296,15 @@ impl RedisConnection {
     }
 }
 
+/// A script reply's integer: an integer, or a bulk string of digits.
+pub(crate) fn reply_int(value: &::redis::Value) -> Option<i64> {
+    match value {
+        ::redis::Value::Int(n) => Some(*n),
+        ::redis::Value::BulkString(bytes) => std::str::from_utf8(bytes).ok()?.parse().ok(),
+        _ => None,
+    }
+}
+
 /// A Lua script, hashed once.
 pub(crate) fn script(source: &str) -> Script {
     Script::new(source)

@@ -9,6 +9,8 @@
 
 mod support;
 
+use support::browser;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -87,13 +89,6 @@ fn profile_dir() -> PathBuf {
         .to_path_buf()
 }
 
-/// A scratch directory of this test's own.
-fn scratch(test: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(support::unique_prefix(test));
-    std::fs::create_dir_all(&dir).expect("create a scratch dir");
-    dir
-}
-
 fn path_str(path: &Path) -> &str {
     path.to_str().expect("utf-8 path")
 }
@@ -152,63 +147,6 @@ fn assert_sane_percentiles(object: &Value, what: &str) {
         0.0 < p50 && p50 <= p95 && p95 <= p99 && p99 <= max,
         "{what}: p50 {p50} <= p95 {p95} <= p99 {p99} <= max {max} does not hold"
     );
-}
-
-// ---------------------------------------------------------------------------------------------
-// Chromium
-
-/// The Chromium binary, if one runs here; skips loudly (or fails) when none does.
-async fn chromium() -> Option<String> {
-    let mut candidates = Vec::new();
-    if let Ok(path) = std::env::var("PUPKIT_CHROMIUM") {
-        candidates.push(path);
-    }
-    candidates.extend(
-        ["/usr/bin/chromium", "chromium", "chromium-browser"]
-            .into_iter()
-            .map(str::to_owned),
-    );
-    for candidate in &candidates {
-        let ran = tokio::process::Command::new(candidate)
-            .arg("--version")
-            .output()
-            .await;
-        if ran.is_ok_and(|o| o.status.success()) {
-            return Some(candidate.clone());
-        }
-    }
-    support::unavailable(
-        "Chromium",
-        &format!("none of {candidates:?} runs (apt-get install chromium)"),
-    );
-    None
-}
-
-/// Runs headless Chromium on `page` with `extra` arguments; its output.
-async fn run_chromium(binary: &str, page: &Path, extra: &[String]) -> Output {
-    let profile = scratch("chromium");
-    let run = tokio::process::Command::new(binary)
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-dev-shm-usage",
-            "--disable-background-networking",
-            "--no-first-run",
-            "--hide-scrollbars",
-        ])
-        .arg(format!("--user-data-dir={}", path_str(&profile)))
-        .args(extra)
-        .arg(format!("file://{}", path_str(page)))
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .output();
-    let output = tokio::time::timeout(Duration::from_secs(120), run)
-        .await
-        .expect("Chromium finished within 120 s")
-        .expect("run Chromium");
-    let _ = std::fs::remove_dir_all(&profile);
-    output
 }
 
 /// The part of `html` from `start` to the first `end` after it.
@@ -323,7 +261,7 @@ async fn redis_keys(pattern: &str) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_in_process_run_writes_a_json_and_an_html_report_that_agree() {
-    let dir = scratch("loadtest");
+    let dir = browser::scratch("loadtest");
     let (json_path, html_path) = (dir.join("load.json"), dir.join("load.html"));
     let output = run_example(&[
         "3",
@@ -424,41 +362,27 @@ async fn an_in_process_run_writes_a_json_and_an_html_report_that_agree() {
         );
     }
 
-    let Some(chromium) = chromium().await else {
+    let Some(chromium) = browser::chromium().await else {
         return;
     };
-    let dumped = run_chromium(&chromium, &html_path, &["--dump-dom".to_owned()]).await;
-    let dom = String::from_utf8_lossy(&dumped.stdout);
-    assert!(
-        dumped.status.success(),
-        "Chromium --dump-dom: {}\n{}",
-        dumped.status,
-        String::from_utf8_lossy(&dumped.stderr)
-    );
-    check_dom(&dom, &report);
+    let page = format!("file://{}", path_str(&html_path));
+    let dumped = browser::headless(&chromium, &page, 1_000, &["--dump-dom".to_owned()]).await;
+    assert!(dumped.success, "Chromium --dump-dom: {}", dumped.context());
+    check_dom(&dumped.stdout, &report);
 
-    let artifacts = profile_dir()
-        .parent()
-        .expect("target directory")
-        .join("test-artifacts");
-    std::fs::create_dir_all(&artifacts).expect("create target/test-artifacts");
-    let png = artifacts.join("load_report.png");
+    let png = browser::artifact("load_report.png");
     let _ = std::fs::remove_file(&png);
-    let shot = run_chromium(
+    let shot = browser::headless(
         &chromium,
-        &html_path,
+        &page,
+        1_000,
         &[
             format!("--screenshot={}", path_str(&png)),
             "--window-size=1200,2200".to_owned(),
         ],
     )
     .await;
-    assert!(
-        shot.status.success(),
-        "Chromium --screenshot: {}\n{}",
-        shot.status,
-        String::from_utf8_lossy(&shot.stderr)
-    );
+    assert!(shot.success, "Chromium --screenshot: {}", shot.context());
     let bytes = std::fs::read(&png).expect("the screenshot was written");
     assert!(bytes.starts_with(b"\x89PNG\r\n\x1a\n"), "not a PNG");
     assert!(
@@ -604,7 +528,7 @@ async fn mock_server() -> (String, Arc<Mock>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_url_it_drives_the_http_routes_and_reports_their_errors_and_health() {
     let (base, mock) = mock_server().await;
-    let dir = scratch("loadtesthttp");
+    let dir = browser::scratch("loadtesthttp");
     let (json_path, html_path) = (dir.join("http.json"), dir.join("http.html"));
     let output = run_example(&[
         "--url",

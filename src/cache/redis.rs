@@ -19,7 +19,7 @@ use super::memory::wall_us;
 use super::store::{Found, Notice, NoticeHandler, Probe, TierStore, Write};
 use crate::codec;
 use crate::error::{Error, Result};
-use crate::redis::{RedisConnection, script};
+use crate::redis::{RedisConnection, reply_int, script};
 
 /// Most keys one probe handles; larger batches take one probe per chunk, so a huge
 /// `get_many` cannot block Redis for long.
@@ -659,7 +659,7 @@ fn redis_now_us(offset: &AtomicI64) -> u64 {
 fn count_flags(reply: Value) -> (bool, bool) {
     match reply {
         Value::Array(flags) => {
-            let flag = |n: usize| flags.get(n).and_then(int) == Some(1);
+            let flag = |n: usize| flags.get(n).and_then(reply_int) == Some(1);
             (flag(0), flag(1))
         }
         _ => (false, false),
@@ -686,13 +686,6 @@ fn malformed(what: &str) -> Error {
     }
 }
 
-fn int(value: &Value) -> Option<i64> {
-    match value {
-        Value::Int(i) => Some(*i),
-        _ => None,
-    }
-}
-
 /// Turns the probe script's reply into [`Found`]s, appending to `probe`.
 fn parse_probe(reply: Value, keys: usize, tiers: usize, probe: &mut Probe) -> Result<()> {
     let Value::Array(items) = reply else {
@@ -705,12 +698,12 @@ fn parse_probe(reply: Value, keys: usize, tiers: usize, probe: &mut Probe) -> Re
     let now = items
         .next()
         .as_ref()
-        .and_then(int)
+        .and_then(reply_int)
         .ok_or_else(|| malformed("no clock"))?;
     let clear = items
         .next()
         .as_ref()
-        .and_then(int)
+        .and_then(reply_int)
         .ok_or_else(|| malformed("no clear stamp"))?;
     probe.now_us = now.max(0) as u64;
     probe.clear_us = probe.clear_us.max(clear.max(0) as u64);
@@ -723,7 +716,7 @@ fn parse_probe(reply: Value, keys: usize, tiers: usize, probe: &mut Probe) -> Re
         let tier = fields
             .next()
             .as_ref()
-            .and_then(int)
+            .and_then(reply_int)
             .ok_or_else(|| malformed("no tier"))?;
         let tier = usize::try_from(tier)
             .ok()
@@ -733,9 +726,11 @@ fn parse_probe(reply: Value, keys: usize, tiers: usize, probe: &mut Probe) -> Re
             Some(Value::BulkString(bytes)) => bytes,
             _ => return Err(malformed("no envelope")),
         };
-        let promoted = fields.next().as_ref().and_then(int) == Some(1);
-        let demoted = fields.next().as_ref().and_then(int) == Some(1);
-        let tag_stamps = fields.map(|v| int(&v).unwrap_or(0).max(0) as u64).collect();
+        let promoted = fields.next().as_ref().and_then(reply_int) == Some(1);
+        let demoted = fields.next().as_ref().and_then(reply_int) == Some(1);
+        let tag_stamps = fields
+            .map(|v| reply_int(&v).unwrap_or(0).max(0) as u64)
+            .collect();
         let mut found = Found::new(tier, envelope, tag_stamps);
         found.promoted = promoted;
         found.demoted = demoted;

@@ -19,7 +19,7 @@ use super::scripts::{
 };
 use super::stats::QueueStats;
 use crate::error::{Error, Result, excerpt};
-use crate::redis::RedisConnection;
+use crate::redis::{RedisConnection, reply_int};
 
 /// What an enqueue did.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -300,7 +300,7 @@ impl<T: Serialize + DeserializeOwned + Send + Sync + 'static> Queue<T> {
             for pair in reply.chunks(2) {
                 out.push(Enqueued {
                     id: text(&pair[0]).ok_or_else(|| unexpected("jobs enqueue", &reply))?,
-                    duplicate: int(&pair[1]) == Some(1),
+                    duplicate: reply_int(&pair[1]) == Some(1),
                 });
             }
         }
@@ -612,9 +612,9 @@ fn chunks(encoded: &[[Vec<u8>; 6]]) -> Vec<&[[Vec<u8>; 6]]> {
 
 fn parse_claim(reply: &[Value]) -> Option<Claimed> {
     let (head, rest) = reply.split_at_checked(4)?;
-    let now_ms = int(&head[0])?;
-    let wait = int(&head[1])?;
-    let next = match int(&head[2])? {
+    let now_ms = reply_int(&head[0])?;
+    let wait = reply_int(&head[1])?;
+    let next = match reply_int(&head[2])? {
         0 => Next::Again,
         1 => Next::Sleep(Duration::from_millis(wait.max(1) as u64)),
         _ if wait < 0 => Next::Block(None),
@@ -629,10 +629,10 @@ fn parse_claim(reply: &[Value]) -> Option<Claimed> {
             Some(ClaimedJob {
                 id: text(&job[0])?,
                 token: text(&job[1])?,
-                attempt: u32::try_from(int(&job[2])?).ok()?,
-                max_attempts: u32::try_from(int(&job[3])?).ok()?,
-                priority: Priority::from_level(int(&job[4])?),
-                enqueued_ms: int(&job[5])?,
+                attempt: u32::try_from(reply_int(&job[2])?).ok()?,
+                max_attempts: u32::try_from(reply_int(&job[3])?).ok()?,
+                priority: Priority::from_level(reply_int(&job[4])?),
+                enqueued_ms: reply_int(&job[5])?,
                 payload: match &job[6] {
                     Value::BulkString(bytes) => bytes.clone(),
                     _ => return None,
@@ -641,14 +641,6 @@ fn parse_claim(reply: &[Value]) -> Option<Claimed> {
         })
         .collect::<Option<Vec<_>>>()?;
     Some(Claimed { now_ms, next, jobs })
-}
-
-fn int(value: &Value) -> Option<i64> {
-    match value {
-        Value::Int(n) => Some(*n),
-        Value::BulkString(bytes) => std::str::from_utf8(bytes).ok()?.parse().ok(),
-        _ => None,
-    }
 }
 
 fn text(value: &Value) -> Option<String> {

@@ -594,6 +594,24 @@ impl Core {
         }
     }
 
+    /// One job's wait from enqueue to start, in ms.
+    fn record_wait(&self, wait_ms: f64) {
+        self.wait_time.record(wait_ms / 1e3);
+        let mut times = self.lock_times();
+        times.waits += 1;
+        times.wait_total += wait_ms;
+    }
+
+    /// One handler's run time.
+    fn record_run(&self, run: Duration) {
+        let run = run.as_secs_f64();
+        self.run_time.record(run);
+        let mut times = self.lock_times();
+        times.runs += 1;
+        times.run_total += run * 1e3;
+        times.run_max = times.run_max.max(run * 1e3);
+    }
+
     fn set_target(&self, target: u32) {
         self.target.store(target, Ordering::Release);
         self.concurrency_gauge.set(f64::from(target));
@@ -757,8 +775,7 @@ async fn run_job<T: Serialize + DeserializeOwned + Send + Sync + 'static>(
 ) {
     // Frees the slot on every way out.
     let _slot = SlotGuard(core.clone());
-    let wait_ms = (now_ms - job.enqueued_ms).max(0) as f64;
-    context.wait_time_record(&core, wait_ms);
+    core.record_wait((now_ms - job.enqueued_ms).max(0) as f64);
     let started = Instant::now();
     let reason = Arc::new(AtomicU8::new(RUNNING));
     // Decoding (the payload's `Deserialize`) and the handler's call run in the job's own task
@@ -841,14 +858,7 @@ async fn run_job<T: Serialize + DeserializeOwned + Send + Sync + 'static>(
             ))
         }
     };
-    let run = started.elapsed().as_secs_f64();
-    core.run_time.record(run);
-    {
-        let mut times = core.lock_times();
-        times.runs += 1;
-        times.run_total += run * 1e3;
-        times.run_max = times.run_max.max(run * 1e3);
-    }
+    core.record_run(started.elapsed());
     if let Some(settle) = settle {
         let _ = settle_tx.send(Finished {
             job,
@@ -908,13 +918,6 @@ impl<T> JobContext<T> {
             delay: self.backoff.delay(job.attempt.saturating_sub(1)),
             error,
         }
-    }
-
-    fn wait_time_record(&self, core: &Core, wait_ms: f64) {
-        core.wait_time.record(wait_ms / 1e3);
-        let mut times = core.lock_times();
-        times.waits += 1;
-        times.wait_total += wait_ms;
     }
 }
 
