@@ -1,12 +1,16 @@
 //! The tiered cache against its raw baselines, in one run: raw moka, raw Redis GET and MGET on
-//! one multiplexed connection. Prints each ratio after the criterion groups.
+//! one multiplexed connection. Prints each ratio after the criterion groups, twice: from
+//! criterion's separate measurements, and from a paired run that alternates the two sides in
+//! short rounds (`support/paired.rs`), which a machine's drift during the run cannot bias.
 //!
 //! `cargo bench --bench cache --features redis` (Redis at `PUPKIT_REDIS_URL`, default local).
 
+#[path = "support/paired.rs"]
+mod paired;
 mod support;
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group};
@@ -107,16 +111,13 @@ fn l0_hit(c: &mut Criterion) {
             .await
             .unwrap();
     });
+    let raw_get = || async { raw.get("m:1").await.unwrap() };
+    let pupkit_get = || async { cache.get("m:1").await.unwrap().unwrap() };
     let mut group = c.benchmark_group("l0_hit");
-    group.bench_function("raw_moka", |b| {
-        b.to_async(&rt)
-            .iter(|| async { raw.get("m:1").await.unwrap() })
-    });
-    group.bench_function("pupkit", |b| {
-        b.to_async(&rt)
-            .iter(|| async { cache.get("m:1").await.unwrap().unwrap() })
-    });
+    group.bench_function("raw_moka", |b| b.to_async(&rt).iter(raw_get));
+    group.bench_function("pupkit", |b| b.to_async(&rt).iter(pupkit_get));
     group.finish();
+    pair("l0_hit", &rt, 10_000, raw_get, pupkit_get);
 }
 
 /// A 256-dimension embedding (1 KiB of f32): the second benchmark value, cheap to decode.
@@ -143,26 +144,24 @@ fn redis_hit(c: &mut Criterion) {
     rt.block_on(cache.set("m:1", message(1), &EntryOptions::new().tier("hot")))
         .unwrap();
     let key = envelope_key("m:1");
+    let raw_get = || {
+        let mut raw = raw.clone();
+        let key = key.clone();
+        async move {
+            let bytes: Vec<u8> = redis::cmd("GET")
+                .arg(&key)
+                .query_async(&mut raw)
+                .await
+                .unwrap();
+            bytes
+        }
+    };
+    let pupkit_get = || async { cache.get("m:1").await.unwrap().unwrap() };
     let mut group = c.benchmark_group("redis_hit");
-    group.bench_function("raw_get", |b| {
-        b.to_async(&rt).iter(|| {
-            let mut raw = raw.clone();
-            let key = key.clone();
-            async move {
-                let bytes: Vec<u8> = redis::cmd("GET")
-                    .arg(&key)
-                    .query_async(&mut raw)
-                    .await
-                    .unwrap();
-                bytes
-            }
-        })
-    });
-    group.bench_function("pupkit", |b| {
-        b.to_async(&rt)
-            .iter(|| async { cache.get("m:1").await.unwrap().unwrap() })
-    });
+    group.bench_function("raw_get", |b| b.to_async(&rt).iter(raw_get));
+    group.bench_function("pupkit", |b| b.to_async(&rt).iter(pupkit_get));
     group.finish();
+    pair("redis_hit", &rt, 200, raw_get, pupkit_get);
     let _: () = rt
         .block_on(redis::cmd("PING").query_async(&mut raw))
         .unwrap();
@@ -174,7 +173,7 @@ fn get_many_100(c: &mut Criterion) {
 }
 
 /// `get_many` of 100 keys holding `value`s, against one raw MGET of the same bytes.
-fn get_many_of<V>(c: &mut Criterion, group: &str, value: fn(u64) -> V)
+fn get_many_of<V>(c: &mut Criterion, group: &'static str, value: fn(u64) -> V)
 where
     V: Serialize + DeserializeOwned + Send + Sync + 'static,
 {
@@ -188,30 +187,44 @@ where
     rt.block_on(cache.set_many(entries, &EntryOptions::new().tier("hot")))
         .unwrap();
     let raw_keys: Vec<String> = keys.iter().map(|k| envelope_key(k)).collect();
-    let mut group = c.benchmark_group(group);
-    group.bench_function("raw_mget", |b| {
-        b.to_async(&rt).iter(|| {
-            let mut raw = raw.clone();
-            let raw_keys = &raw_keys;
-            async move {
-                let values: Vec<Vec<u8>> = redis::cmd("MGET")
-                    .arg(raw_keys)
-                    .query_async(&mut raw)
-                    .await
-                    .unwrap();
-                assert_eq!(values.len(), 100);
-                values
-            }
-        })
-    });
-    group.bench_function("pupkit", |b| {
-        b.to_async(&rt).iter(|| async {
-            let values = cache.get_many(&refs).await.unwrap();
-            assert!(values.iter().all(Option::is_some));
+    let raw_mget = || {
+        let mut raw = raw.clone();
+        let raw_keys = &raw_keys;
+        async move {
+            let values: Vec<Vec<u8>> = redis::cmd("MGET")
+                .arg(raw_keys)
+                .query_async(&mut raw)
+                .await
+                .unwrap();
+            assert_eq!(values.len(), 100);
             values
-        })
-    });
+        }
+    };
+    let pupkit_get_many = || async {
+        let values = cache.get_many(&refs).await.unwrap();
+        assert!(values.iter().all(Option::is_some));
+        values
+    };
+    // Context, no target: MGET and decoding the payloads by hand, which pupkit's get_many
+    // also does and the raw MGET does not. The entries are untagged and uncompressed, so the
+    // payload starts after the 20-byte header.
+    let raw_mget_decode = || async {
+        let values: Vec<Vec<u8>> = raw_mget().await;
+        values
+            .iter()
+            .map(|bytes| {
+                assert_eq!((bytes[2] & 1, bytes[3]), (0, 0), "uncompressed, untagged");
+                postcard::from_bytes::<V>(&bytes[20..]).unwrap()
+            })
+            .collect::<Vec<V>>()
+    };
+    let name = group;
+    let mut group = c.benchmark_group(name);
+    group.bench_function("raw_mget", |b| b.to_async(&rt).iter(raw_mget));
+    group.bench_function("pupkit", |b| b.to_async(&rt).iter(pupkit_get_many));
     group.finish();
+    pair(name, &rt, 20, raw_mget, pupkit_get_many);
+    pair_labelled(name, "+decode", &rt, 20, raw_mget_decode, pupkit_get_many);
 }
 
 fn concurrent_64(c: &mut Criterion) {
@@ -219,8 +232,9 @@ fn concurrent_64(c: &mut Criterion) {
     concurrent_64_of(c, "concurrent_64_embedding", embedding);
 }
 
-/// 64 tasks, each reading 16 times: the time of one such round is the inverse of throughput.
-fn concurrent_64_of<V>(c: &mut Criterion, group: &str, value: fn(u64) -> V)
+/// 64 tasks, each reading its own key 16 times: the time of one such round is the inverse of
+/// throughput.
+fn concurrent_64_of<V>(c: &mut Criterion, group: &'static str, value: fn(u64) -> V)
 where
     V: Serialize + DeserializeOwned + Send + Sync + 'static,
 {
@@ -228,61 +242,64 @@ where
     const READS: usize = 16;
     let (rt, cache) = redis_cache::<V>();
     let raw = raw_connection(&rt);
-    let key = format!("{group}:1");
-    rt.block_on(cache.set(&key, value(1), &EntryOptions::new().tier("hot")))
+    let keys: Arc<[String]> = (0..TASKS).map(|i| format!("{group}:{i}")).collect();
+    let entries = (0..TASKS)
+        .map(|i| (keys[i].clone(), value(i as u64)))
+        .collect();
+    rt.block_on(cache.set_many(entries, &EntryOptions::new().tier("hot")))
         .unwrap();
-    let raw_key = envelope_key(&key);
-    let mut group = c.benchmark_group(group);
+    let raw_keys: Arc<[String]> = keys.iter().map(|k| envelope_key(k)).collect();
+    let raw_round = || {
+        let raw = raw.clone();
+        let raw_keys = raw_keys.clone();
+        async move {
+            let tasks: Vec<_> = (0..TASKS)
+                .map(|task| {
+                    let mut raw = raw.clone();
+                    let raw_keys = raw_keys.clone();
+                    tokio::spawn(async move {
+                        for _ in 0..READS {
+                            let _: Vec<u8> = redis::cmd("GET")
+                                .arg(&raw_keys[task])
+                                .query_async(&mut raw)
+                                .await
+                                .unwrap();
+                        }
+                    })
+                })
+                .collect();
+            for task in tasks {
+                task.await.unwrap();
+            }
+        }
+    };
+    let pupkit_round = || {
+        let cache = cache.clone();
+        let keys = keys.clone();
+        async move {
+            let tasks: Vec<_> = (0..TASKS)
+                .map(|task| {
+                    let cache = cache.clone();
+                    let keys = keys.clone();
+                    tokio::spawn(async move {
+                        for _ in 0..READS {
+                            cache.get(&keys[task]).await.unwrap().unwrap();
+                        }
+                    })
+                })
+                .collect();
+            for task in tasks {
+                task.await.unwrap();
+            }
+        }
+    };
+    let name = group;
+    let mut group = c.benchmark_group(name);
     group.throughput(criterion::Throughput::Elements((TASKS * READS) as u64));
-    group.bench_function("raw_get", |b| {
-        b.to_async(&rt).iter(|| {
-            let raw = raw.clone();
-            let raw_key = raw_key.clone();
-            async move {
-                let tasks: Vec<_> = (0..TASKS)
-                    .map(|_| {
-                        let mut raw = raw.clone();
-                        let raw_key = raw_key.clone();
-                        tokio::spawn(async move {
-                            for _ in 0..READS {
-                                let _: Vec<u8> = redis::cmd("GET")
-                                    .arg(&raw_key)
-                                    .query_async(&mut raw)
-                                    .await
-                                    .unwrap();
-                            }
-                        })
-                    })
-                    .collect();
-                for task in tasks {
-                    task.await.unwrap();
-                }
-            }
-        })
-    });
-    group.bench_function("pupkit", |b| {
-        b.to_async(&rt).iter(|| {
-            let cache = cache.clone();
-            let key = key.clone();
-            async move {
-                let tasks: Vec<_> = (0..TASKS)
-                    .map(|_| {
-                        let cache = cache.clone();
-                        let key = key.clone();
-                        tokio::spawn(async move {
-                            for _ in 0..READS {
-                                cache.get(&key).await.unwrap().unwrap();
-                            }
-                        })
-                    })
-                    .collect();
-                for task in tasks {
-                    task.await.unwrap();
-                }
-            }
-        })
-    });
+    group.bench_function("raw_get", |b| b.to_async(&rt).iter(raw_round));
+    group.bench_function("pupkit", |b| b.to_async(&rt).iter(pupkit_round));
     group.finish();
+    pair(name, &rt, 2, raw_round, pupkit_round);
 }
 
 /// 1,000 concurrent `get_or_load` calls of one cold key whose loader sleeps 5 ms, against one
@@ -527,6 +544,45 @@ fn cleanup(rt: &Runtime) {
     }
 }
 
+/// When this process started: a group measured since then belongs to this run.
+static STARTED: LazyLock<Instant> = LazyLock::new(Instant::now);
+
+/// The paired measurements of this run, by group.
+static PAIRED: Mutex<Vec<(&'static str, &'static str, paired::Paired)>> = Mutex::new(Vec::new());
+
+/// Times `ours` against `baseline` in alternating rounds of `calls` calls (see `paired`), if
+/// criterion measured `group` in this run (a filter may have skipped it).
+fn pair<FA, FutA, FB, FutB>(group: &'static str, rt: &Runtime, calls: usize, baseline: FA, ours: FB)
+where
+    FA: FnMut() -> FutA,
+    FutA: std::future::Future,
+    FB: FnMut() -> FutB,
+    FutB: std::future::Future,
+{
+    pair_labelled(group, "", rt, calls, baseline, ours);
+}
+
+/// [`pair`] against another baseline, printed under `label`.
+fn pair_labelled<FA, FutA, FB, FutB>(
+    group: &'static str,
+    label: &'static str,
+    rt: &Runtime,
+    calls: usize,
+    baseline: FA,
+    ours: FB,
+) where
+    FA: FnMut() -> FutA,
+    FutA: std::future::Future,
+    FB: FnMut() -> FutB,
+    FutB: std::future::Future,
+{
+    if !support::ran_since(group, "pupkit", *STARTED) {
+        return;
+    }
+    let result = paired::run(rt, 20, Duration::from_secs(4), calls, baseline, ours);
+    PAIRED.lock().unwrap().push((group, label, result));
+}
+
 fn print_ratios(started: Instant) {
     println!("\n== pupkit cache vs raw baselines (this run) ==");
     let rows = [
@@ -588,6 +644,23 @@ fn print_ratios(started: Instant) {
             ),
             _ => println!("{label}: not run"),
         }
+        let paired = PAIRED.lock().unwrap();
+        for (_, label, p) in paired.iter().filter(|(g, _, _)| *g == group) {
+            let (raw, target) = match *label {
+                "" => ("raw".to_owned(), target),
+                label => (format!("raw{label}"), "none, context"),
+            };
+            println!(
+                "  paired, {} alternating rounds: pupkit {:.0} ns, {raw} {:.0} ns, median ratio {:.2}x (quartiles {:.2}-{:.2}; target {target})",
+                p.rounds, p.ours_ns, p.baseline_ns, p.ratio, p.quartiles[0], p.quartiles[2]
+            );
+            if let Some((ours, theirs)) = p.cpu_ns {
+                println!(
+                    "    CPU time of this process per call: pupkit {ours:.0} ns, {raw} {theirs:.0} ns ({:.2}x)",
+                    ours / theirs
+                );
+            }
+        }
     }
     if let (true, Some(ns)) = (
         support::ran_since("l0_hit", "pupkit", started),
@@ -607,7 +680,7 @@ criterion_group! {
 }
 
 fn main() {
-    let started = Instant::now();
+    let started = *STARTED;
     let rt = Runtime::new().unwrap();
     benches();
     redis_memory(&rt);

@@ -15,6 +15,8 @@
 //!
 //! `cargo bench --bench compression --features axum`
 
+#[path = "support/paired.rs"]
+mod paired;
 mod support;
 
 use std::time::{Duration, Instant};
@@ -317,38 +319,28 @@ struct Sizes {
 
 /// Throughput ratio pupkit / tower-http from alternating batches of requests (~10 ms each) on
 /// the worker runtime, so both see the same moment of a noisy machine; the order swaps every
-/// round. Returns the lower quartile, median and upper quartile of the per-round ratios.
+/// round (see `paired`). Returns the lower quartile, median and upper quartile of the
+/// per-round ratios.
 fn paired(rt: &Runtime, ours: &Router, theirs: &Router, encoding: Encoding) -> [f64; 3] {
     const ROUNDS: usize = 60;
-    let batch = |router: &Router, n: usize| {
-        let started = Instant::now();
-        rt.block_on(async {
-            for _ in 0..n {
-                std::hint::black_box(fetch_in(Mode::Worker, router, encoding).await);
-            }
-        });
-        started.elapsed().as_secs_f64()
-    };
-    let probe = batch(ours, 5) / 5.0;
-    let n = ((0.01 / probe) as usize).clamp(1, 1_000);
-    let mut ratios: Vec<f64> = (0..ROUNDS)
-        .map(|round| {
-            let (a, b) = if round % 2 == 0 {
-                let a = batch(ours, n);
-                (a, batch(theirs, n))
-            } else {
-                let b = batch(theirs, n);
-                (batch(ours, n), b)
-            };
-            b / a
-        })
-        .collect();
-    ratios.sort_by(f64::total_cmp);
-    [
-        ratios[ROUNDS / 4],
-        ratios[ROUNDS / 2],
-        ratios[3 * ROUNDS / 4],
-    ]
+    let started = Instant::now();
+    rt.block_on(async {
+        for _ in 0..5 {
+            std::hint::black_box(fetch_in(Mode::Worker, ours, encoding).await);
+        }
+    });
+    let n = ((0.01 / (started.elapsed().as_secs_f64() / 5.0)) as usize).clamp(1, 1_000);
+    let times = paired::run(
+        rt,
+        ROUNDS,
+        Duration::ZERO,
+        n,
+        || fetch_in(Mode::Worker, theirs, encoding),
+        || fetch_in(Mode::Worker, ours, encoding),
+    );
+    // Time ratios pupkit / tower-http, inverted into throughput ratios.
+    let [low, median, high] = times.quartiles;
+    [1.0 / high, 1.0 / median, 1.0 / low]
 }
 
 fn benches(c: &mut Criterion, runtimes: &[(Mode, Runtime)], started: Instant) -> Vec<Sizes> {

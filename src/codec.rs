@@ -325,15 +325,17 @@ fn embedding_fast_path<V: 'static>(payload: &[u8]) -> Option<V> {
         return None;
     }
     let (len, floats) = postcard_varint(payload)?;
-    if floats.len() / 4 != len || floats.len() % 4 != 0 {
+    let (floats, rest) = floats.as_chunks::<4>();
+    if floats.len() != len || !rest.is_empty() {
         return None;
     }
-    let vector: Vec<f32> = floats
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect();
-    let boxed: Box<dyn std::any::Any> = Box::new(vector);
-    boxed.downcast::<V>().ok().map(|value| *value)
+    // Fixed-size chunks: this compiles to a vectorized copy.
+    let vector: Vec<f32> = floats.iter().map(|b| f32::from_le_bytes(*b)).collect();
+    // V is Vec<f32> (checked above); moving through `Any` needs no allocation.
+    let mut slot = Some(vector);
+    (&mut slot as &mut dyn std::any::Any)
+        .downcast_mut::<Option<V>>()?
+        .take()
 }
 
 /// A postcard varint (LEB128, at most 10 bytes) at the start of `bytes`, and the rest.

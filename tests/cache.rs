@@ -1633,4 +1633,190 @@ mod redis {
         );
         assert!(!without_l0.stats().backend_failing);
     }
+
+    /// GET and MGET commands a private server has run since its stats were reset.
+    async fn reads_served(raw: &mut ::redis::aio::MultiplexedConnection) -> u64 {
+        let info: String = ::redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(raw)
+            .await
+            .unwrap();
+        info.lines()
+            .filter(|l| l.starts_with("cmdstat_get:") || l.starts_with("cmdstat_mget:"))
+            .filter_map(|l| {
+                l.split("calls=")
+                    .nth(1)?
+                    .split(',')
+                    .next()?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .sum()
+    }
+
+    /// 200 reads that start together, while the server is paused, on a cache allowing
+    /// `in_flight` probes; every third is cancelled as they start. Returns how many GET/MGET
+    /// commands Redis ran for them, and how many reads were kept; panics if a kept read got the
+    /// wrong value or never finished.
+    async fn concurrent_reads(server: &PrivateRedis, in_flight: usize) -> (u64, u64) {
+        const READS: u64 = 200;
+        // Reads must outlast the pause below.
+        let mut redis_config = RedisConfig::new(server.url());
+        redis_config.op_timeout = Duration::from_secs(10);
+        let connection = RedisConnection::connect(&redis_config).await.unwrap();
+        let mut coalescing = config(&format!("pkt-co{in_flight}"), "msgs", false);
+        coalescing.max_probes_in_flight = in_flight;
+        let cache = cache(&connection, coalescing).await;
+        let entries = (0..READS).map(|i| (format!("m:{i}"), message(i))).collect();
+        cache.set_many(entries, &EntryOptions::new()).await.unwrap();
+        let mut raw = ::redis::Client::open(server.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let _: () = ::redis::cmd("CONFIG")
+            .arg("RESETSTAT")
+            .query_async(&mut raw)
+            .await
+            .unwrap();
+        let start = Arc::new(tokio::sync::Barrier::new(READS as usize + 1));
+        let reads: Vec<_> = (0..READS)
+            .map(|i| {
+                let (cache, start) = (cache.clone(), start.clone());
+                tokio::spawn(async move {
+                    start.wait().await;
+                    cache.get(&format!("m:{i}")).await.unwrap()
+                })
+            })
+            .collect();
+        // Paused, Redis holds every command it receives: all reads are issued (or queued)
+        // before the first answer comes back, however slowly this machine starts the tasks.
+        let _: () = ::redis::cmd("CLIENT")
+            .arg("PAUSE")
+            .arg(300)
+            .query_async(&mut raw)
+            .await
+            .unwrap();
+        start.wait().await;
+        let mut kept = Vec::new();
+        for (i, read) in reads.into_iter().enumerate() {
+            if i % 3 == 1 {
+                read.abort();
+            } else {
+                kept.push((i as u64, read));
+            }
+        }
+        let reads_kept = kept.len() as u64;
+        for (i, read) in kept {
+            let value = tokio::time::timeout(Duration::from_secs(20), read)
+                .await
+                .expect("a read finished")
+                .unwrap();
+            assert_eq!(value.as_deref(), Some(&message(i)), "read {i}");
+        }
+        (reads_served(&mut raw).await, reads_kept)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_reads_beyond_the_in_flight_limit_share_probes() {
+        let Some(server) = PrivateRedis::start() else {
+            return;
+        };
+        // Without a limit, each read is its own GET.
+        let (unlimited, kept) = concurrent_reads(&server, 0).await;
+        assert!(unlimited >= kept, "{unlimited} commands for {kept} reads");
+        // With one probe out at a time, the first read goes alone and the reads that waited
+        // go out together (a batch carries at most 1,000 keys).
+        let (coalesced, kept) = concurrent_reads(&server, 1).await;
+        assert!(
+            coalesced <= 3,
+            "{coalesced} GET/MGET commands for {kept} reads"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_batch_of_known_and_new_keys_answers_each_in_order() {
+        let Some(redis) = connect().await else { return };
+        let prefix = unique_prefix("mixed");
+        let reader = cache(&redis, config(&prefix, "msgs", false)).await;
+        let writer = cache(&redis, config(&prefix, "msgs", false)).await;
+        for i in 0..5 {
+            // The reader wrote m:i, so it knows where they are; n:i it has never seen.
+            reader
+                .set(&format!("m:{i}"), message(i), &EntryOptions::new())
+                .await
+                .unwrap();
+            writer
+                .set(
+                    &format!("n:{i}"),
+                    message(100 + i),
+                    &EntryOptions::new().tier("cold"),
+                )
+                .await
+                .unwrap();
+        }
+        let keys: Vec<String> = (0..5)
+            .flat_map(|i| [format!("m:{i}"), format!("n:{i}")])
+            .chain(["absent".to_owned()])
+            .collect();
+        let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+        for _ in 0..2 {
+            // The second time, every key is known.
+            let values = reader.get_many(&refs).await.unwrap();
+            for i in 0..5u64 {
+                assert_eq!(values[2 * i as usize].as_deref(), Some(&message(i)));
+                assert_eq!(
+                    values[2 * i as usize + 1].as_deref(),
+                    Some(&message(100 + i))
+                );
+            }
+            assert_eq!(values[10], None);
+        }
+        delete_prefix(&prefix).await;
+    }
+
+    #[tokio::test]
+    async fn reads_waiting_for_a_probe_are_answered_when_redis_dies() {
+        let Some(mut server) = PrivateRedis::start() else {
+            return;
+        };
+        let mut redis_config = RedisConfig::new(server.url());
+        redis_config.op_timeout = Duration::from_millis(200);
+        let connection = RedisConnection::lazy(&redis_config).unwrap();
+        let mut coalescing = config("pkt-codown", "msgs", false);
+        coalescing.max_probes_in_flight = 1;
+        let cache = cache(&connection, coalescing).await;
+        cache
+            .set("k", message(1), &EntryOptions::new())
+            .await
+            .unwrap();
+        server.kill();
+        let reads: Vec<_> = (0..50)
+            .map(|_| {
+                let cache = cache.clone();
+                tokio::spawn(async move { cache.get("k").await })
+            })
+            .collect();
+        for read in reads {
+            let value = tokio::time::timeout(Duration::from_secs(20), read)
+                .await
+                .expect("a queued read is answered")
+                .unwrap();
+            // A failing Redis is a miss, not an error.
+            assert_eq!(value.unwrap(), None);
+        }
+        // Each read saw its batch's failure, and counted it.
+        assert!(cache.stats().backend_errors >= 50, "{:?}", cache.stats());
+        server.restart();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while cache
+            .set("k", message(2), &EntryOptions::new())
+            .await
+            .is_err()
+        {
+            assert!(Instant::now() < deadline, "the cache never reconnected");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(cache.get("k").await.unwrap().as_deref(), Some(&message(2)));
+    }
 }

@@ -23,6 +23,8 @@
 
 #[cfg(feature = "redis")]
 mod backplane;
+#[cfg(feature = "redis")]
+mod coalesce;
 mod config;
 mod flight;
 mod keys;

@@ -13,6 +13,7 @@ use ::redis::{Script, Value};
 use async_trait::async_trait;
 
 use super::backplane;
+use super::coalesce::{self, Admission, ProbeQueue, Turn};
 use super::config::TieredConfig;
 use super::keys::KeyLayout;
 use super::memory::wall_us;
@@ -380,6 +381,8 @@ pub struct RedisTiers {
     stamp_retention_ms: u64,
     seen: Sharded<Seen>,
     recent: Arc<RecentStamps>,
+    /// Bounds the probes out at once; the reads beyond go out together.
+    queue: ProbeQueue,
     /// Redis's clock minus this process's, in µs, from the last script reply.
     clock_offset_us: Arc<AtomicI64>,
     /// The backplane channel ("" when the backplane is off).
@@ -419,6 +422,7 @@ impl RedisTiers {
             stamp_retention_ms: config.max_ttl.as_millis() as u64,
             seen: Sharded::new(SEEN_CAPACITY),
             recent: Arc::new(RecentStamps::new(config.stamp_ttl)),
+            queue: ProbeQueue::new(config.max_probes_in_flight),
             clock_offset_us: Arc::new(AtomicI64::new(0)),
             channel: if config.backplane {
                 backplane::channel(&config.key_prefix, &config.name)
@@ -739,6 +743,95 @@ fn parse_probe(reply: Value, keys: usize, tiers: usize, probe: &mut Probe) -> Re
     Ok(())
 }
 
+impl RedisTiers {
+    /// Probes `keys` now, in chunks of [`PROBE_CHUNK`]. In a chunk that mixes keys seen before
+    /// with new ones (a batch of several reads), each kind is probed its own way, together.
+    async fn probe_now(&self, keys: &[&str]) -> Result<Probe> {
+        let mut probe = Probe {
+            found: Vec::with_capacity(keys.len()),
+            ..Probe::default()
+        };
+        for chunk in keys.chunks(PROBE_CHUNK) {
+            let seen: Vec<Option<Seen>> = chunk.iter().map(|key| self.seen.get(key)).collect();
+            if seen.iter().all(Option::is_some) {
+                let seen: Vec<Seen> = seen.into_iter().flatten().collect();
+                self.probe_seen(chunk, &seen, &mut probe).await?;
+            } else if seen.iter().all(Option::is_none) {
+                Box::pin(self.probe_by_script(chunk, &mut probe)).await?;
+            } else {
+                Box::pin(self.probe_mixed(chunk, seen, &mut probe)).await?;
+            }
+        }
+        Ok(probe)
+    }
+
+    /// Probes the keys of `chunk` seen before and the new ones side by side, then merges the
+    /// answers back into `chunk`'s order.
+    async fn probe_mixed(
+        &self,
+        chunk: &[&str],
+        seen: Vec<Option<Seen>>,
+        probe: &mut Probe,
+    ) -> Result<()> {
+        let (mut known_keys, mut known_seen, mut new_keys) = (Vec::new(), Vec::new(), Vec::new());
+        for (key, seen) in chunk.iter().zip(&seen) {
+            match seen {
+                Some(seen) => {
+                    known_keys.push(*key);
+                    known_seen.push(seen.clone());
+                }
+                None => new_keys.push(*key),
+            }
+        }
+        let (mut known, mut new) = (Probe::default(), Probe::default());
+        let (known_result, new_result) = tokio::join!(
+            self.probe_seen(&known_keys, &known_seen, &mut known),
+            self.probe_by_script(&new_keys, &mut new),
+        );
+        known_result?;
+        new_result?;
+        probe.now_us = probe.now_us.max(known.now_us).max(new.now_us);
+        probe.clear_us = probe.clear_us.max(known.clear_us).max(new.clear_us);
+        let (mut known, mut new) = (known.found.into_iter(), new.found.into_iter());
+        for seen in &seen {
+            let found = if seen.is_some() {
+                known.next()
+            } else {
+                new.next()
+            };
+            probe.found.push(found.flatten());
+        }
+        Ok(())
+    }
+
+    /// Probes `keys` together with the reads waiting for a turn, and answers each of them.
+    async fn probe_for_waiters(&self, keys: &[&str]) -> Result<Probe> {
+        let waiters = self.queue.take_waiting(keys.len());
+        let mut all: Vec<&str> = keys.to_vec();
+        let mut lengths = vec![keys.len()];
+        for waiter in &waiters {
+            all.extend(waiter.keys());
+            lengths.push(waiter.len());
+        }
+        match self.probe_now(&all).await {
+            Ok(probe) => {
+                let mut probes = coalesce::split(probe, &lengths).into_iter();
+                let mine = probes.next().unwrap_or_default();
+                for (waiter, probe) in waiters.into_iter().zip(probes) {
+                    waiter.answer(Ok(probe));
+                }
+                Ok(mine)
+            }
+            Err(error) => {
+                for waiter in waiters {
+                    waiter.answer(Err(coalesce::share_error(&error)));
+                }
+                Err(error)
+            }
+        }
+    }
+}
+
 #[async_trait]
 impl TierStore for RedisTiers {
     fn backend(&self) -> &'static str {
@@ -775,18 +868,19 @@ impl TierStore for RedisTiers {
     }
 
     async fn probe(&self, keys: &[&str]) -> Result<Probe> {
-        let mut probe = Probe {
-            found: Vec::with_capacity(keys.len()),
-            ..Probe::default()
-        };
-        for chunk in keys.chunks(PROBE_CHUNK) {
-            let seen: Option<Vec<Seen>> = chunk.iter().map(|key| self.seen.get(key)).collect();
-            match seen {
-                Some(seen) => self.probe_seen(chunk, &seen, &mut probe).await?,
-                None => Box::pin(self.probe_by_script(chunk, &mut probe)).await?,
+        let mut admission = self.queue.admit(keys);
+        loop {
+            let waiting = match admission {
+                Admission::Now(_slot) => return self.probe_now(keys).await,
+                Admission::Later(waiting) => waiting,
+            };
+            match waiting.await {
+                Ok(Turn::Done(result)) => return result,
+                Ok(Turn::Lead(_slot)) => return self.probe_for_waiters(keys).await,
+                // The leader that carried these keys was cancelled: queue again.
+                Err(_) => admission = self.queue.admit_again(keys),
             }
         }
-        Ok(probe)
     }
 
     async fn write(&self, writes: Vec<Write<'_>>) -> Result<u64> {

@@ -1,0 +1,387 @@
+//! [`ProbeQueue`]: coalesces concurrent probes of the shared tiers. While `max_in_flight`
+//! probes are out, further probes wait; when one comes back, the first waiter takes the
+//! waiting reads (up to [`MAX_BATCH_KEYS`] keys) and probes them together: one `MGET` when
+//! every key was read before. A burst of 64 concurrent reads then costs Redis a few commands
+//! instead of 64. Below the limit a probe goes out at once, so a lone read waits for nothing.
+//!
+//! A waiter that is handed the lead holds a [`Slot`]; a slot that is dropped unused (its
+//! holder was cancelled) passes itself on, so cancelled readers can neither strand the
+//! waiters nor leak a slot. A waiter whose batch's leader was cancelled queues again, at the
+//! front.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::oneshot;
+
+use super::stats::error_chain;
+use super::store::Probe;
+use crate::error::{Error, Result};
+
+/// Most keys one coalesced probe carries; later waiters go in the next one.
+const MAX_BATCH_KEYS: usize = 1000;
+
+/// The probes of one store that are out, and the reads waiting for a turn.
+pub(crate) struct ProbeQueue {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    max_in_flight: usize,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    in_flight: usize,
+    waiting: VecDeque<Waiter>,
+}
+
+/// A read waiting for a turn: its keys, and where its answer goes.
+pub(crate) struct Waiter {
+    keys: Vec<String>,
+    reply: oneshot::Sender<Turn>,
+}
+
+/// What a waiting read is told.
+pub(crate) enum Turn {
+    /// Its probe was made as part of another's batch.
+    Done(Result<Probe>),
+    /// It holds a slot now: it takes the waiting reads and probes for them all.
+    Lead(Slot),
+}
+
+/// Whether a read may probe now.
+pub(crate) enum Admission {
+    /// Yes, holding this slot until it is done.
+    Now(Slot),
+    /// Not yet: the answer, or the lead, comes through this channel.
+    Later(oneshot::Receiver<Turn>),
+}
+
+/// One of the `max_in_flight` probes that may be out. Dropping it passes it to the first
+/// live waiter, or frees it.
+pub(crate) struct Slot {
+    shared: Option<Arc<Shared>>,
+}
+
+impl ProbeQueue {
+    /// A queue that lets `max_in_flight` probes out at once (0: no limit, no coalescing).
+    pub(crate) fn new(max_in_flight: usize) -> Self {
+        ProbeQueue {
+            shared: Arc::new(Shared {
+                max_in_flight,
+                state: Mutex::new(State::default()),
+            }),
+        }
+    }
+
+    /// A slot now, or a place at the back of the queue for `keys`.
+    pub(crate) fn admit(&self, keys: &[&str]) -> Admission {
+        self.enter(keys, false)
+    }
+
+    /// Like [`admit`](Self::admit), for a read whose batch's leader was cancelled: it has
+    /// waited its turn already, so it goes to the front.
+    pub(crate) fn admit_again(&self, keys: &[&str]) -> Admission {
+        self.enter(keys, true)
+    }
+
+    fn enter(&self, keys: &[&str], front: bool) -> Admission {
+        let shared = &self.shared;
+        if shared.max_in_flight == 0 {
+            return Admission::Now(Slot { shared: None });
+        }
+        let mut state = shared.lock();
+        if state.in_flight < shared.max_in_flight {
+            state.in_flight += 1;
+            return Admission::Now(Slot {
+                shared: Some(shared.clone()),
+            });
+        }
+        let (reply, receiver) = oneshot::channel();
+        let waiter = Waiter {
+            keys: keys.iter().map(|k| (*k).to_owned()).collect(),
+            reply,
+        };
+        if front {
+            state.waiting.push_front(waiter);
+        } else {
+            state.waiting.push_back(waiter);
+        }
+        Admission::Later(receiver)
+    }
+
+    /// Takes waiting reads, oldest first, up to about [`MAX_BATCH_KEYS`] keys in all with the
+    /// `already` keys of the leader's own read (none when those alone reach it). Reads whose
+    /// callers were cancelled are dropped, not probed.
+    pub(crate) fn take_waiting(&self, already: usize) -> Vec<Waiter> {
+        let mut state = self.shared.lock();
+        let mut keys = already;
+        let mut taken = Vec::new();
+        while keys < MAX_BATCH_KEYS {
+            let Some(waiter) = state.waiting.pop_front() else {
+                break;
+            };
+            if waiter.reply.is_closed() {
+                continue;
+            }
+            if !taken.is_empty() && keys + waiter.keys.len() > MAX_BATCH_KEYS {
+                state.waiting.push_front(waiter);
+                break;
+            }
+            keys += waiter.keys.len();
+            taken.push(waiter);
+        }
+        taken
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let Some(shared) = self.shared.take() else {
+            return;
+        };
+        loop {
+            let waiter = {
+                let mut state = shared.lock();
+                let Some(waiter) = state.waiting.pop_front() else {
+                    state.in_flight -= 1;
+                    return;
+                };
+                waiter
+            };
+            let lead = Slot {
+                shared: Some(shared.clone()),
+            };
+            match waiter.reply.send(Turn::Lead(lead)) {
+                Ok(()) => return,
+                // That waiter was cancelled: the slot goes to the next one.
+                Err(Turn::Lead(mut lead)) => lead.shared = None,
+                Err(Turn::Done(_)) => unreachable!("a lead was sent"),
+            }
+        }
+    }
+}
+
+impl Waiter {
+    /// The waiter's keys.
+    pub(crate) fn keys(&self) -> impl Iterator<Item = &str> {
+        self.keys.iter().map(String::as_str)
+    }
+
+    /// How many keys it waits for.
+    pub(crate) fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Sends the waiter its answer; a cancelled waiter is not told.
+    pub(crate) fn answer(self, result: Result<Probe>) {
+        let _ = self.reply.send(Turn::Done(result));
+    }
+}
+
+/// Splits a batch's probe into one probe per read, in order: `lengths[i]` keys each.
+pub(crate) fn split(probe: Probe, lengths: &[usize]) -> Vec<Probe> {
+    let mut found = probe.found.into_iter();
+    lengths
+        .iter()
+        .map(|&len| Probe {
+            now_us: probe.now_us,
+            clear_us: probe.clear_us,
+            found: found.by_ref().take(len).collect(),
+        })
+        .collect()
+}
+
+/// The same failure for another read of a batch (errors are not `Clone`): the same kind,
+/// with the cause's text.
+pub(crate) fn share_error(error: &Error) -> Error {
+    match error {
+        Error::Timeout {
+            backend,
+            operation,
+            after,
+        } => Error::Timeout {
+            backend,
+            operation,
+            after: *after,
+        },
+        Error::Unavailable {
+            backend,
+            operation,
+            retry_in,
+        } => Error::Unavailable {
+            backend,
+            operation,
+            retry_in: *retry_in,
+        },
+        Error::Backend {
+            backend,
+            operation,
+            source,
+        } => Error::Backend {
+            backend,
+            operation,
+            source: error_chain(source.as_ref()).into(),
+        },
+        other => Error::Backend {
+            backend: "redis",
+            operation: "probe",
+            source: error_chain(other).into(),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn waiting(queue: &ProbeQueue) -> usize {
+        queue.shared.lock().waiting.len()
+    }
+
+    fn in_flight(queue: &ProbeQueue) -> usize {
+        queue.shared.lock().in_flight
+    }
+
+    #[test]
+    fn reads_below_the_limit_go_at_once() {
+        let queue = ProbeQueue::new(2);
+        let a = queue.admit(&["a"]);
+        let b = queue.admit(&["b"]);
+        assert!(matches!(a, Admission::Now(_)));
+        assert!(matches!(b, Admission::Now(_)));
+        assert!(matches!(queue.admit(&["c"]), Admission::Later(_)));
+        drop((a, b));
+    }
+
+    #[test]
+    fn no_limit_never_queues() {
+        let queue = ProbeQueue::new(0);
+        let slots: Vec<_> = (0..100).map(|_| queue.admit(&["k"])).collect();
+        assert!(slots.iter().all(|s| matches!(s, Admission::Now(_))));
+    }
+
+    #[tokio::test]
+    async fn a_freed_slot_hands_the_lead_to_the_first_waiter() {
+        let queue = ProbeQueue::new(1);
+        let Admission::Now(slot) = queue.admit(&["a"]) else {
+            panic!("the first read goes at once");
+        };
+        let Admission::Later(first) = queue.admit(&["b"]) else {
+            panic!("the second read waits");
+        };
+        let Admission::Later(second) = queue.admit(&["c", "d"]) else {
+            panic!("the third read waits");
+        };
+        drop(slot);
+        let Ok(Turn::Lead(lead)) = first.await else {
+            panic!("the first waiter leads");
+        };
+        let batch = queue.take_waiting(1);
+        assert_eq!(batch.len(), 1);
+        assert_eq!(batch[0].keys().collect::<Vec<_>>(), ["c", "d"]);
+        let probe = Probe {
+            now_us: 7,
+            clear_us: 3,
+            found: vec![None, None],
+        };
+        for (waiter, probe) in batch.into_iter().zip(split(probe, &[2])) {
+            waiter.answer(Ok(probe));
+        }
+        let Ok(Turn::Done(Ok(probe))) = second.await else {
+            panic!("the second waiter is answered by the leader");
+        };
+        assert_eq!((probe.now_us, probe.clear_us, probe.found.len()), (7, 3, 2));
+        drop(lead);
+        assert_eq!((in_flight(&queue), waiting(&queue)), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn cancelled_waiters_neither_strand_others_nor_leak_slots() {
+        let queue = ProbeQueue::new(1);
+        let Admission::Now(slot) = queue.admit(&["a"]) else {
+            panic!("the first read goes at once");
+        };
+        let Admission::Later(cancelled) = queue.admit(&["b"]) else {
+            panic!("waits");
+        };
+        let Admission::Later(live) = queue.admit(&["c"]) else {
+            panic!("waits");
+        };
+        drop(cancelled);
+        drop(slot);
+        let Ok(Turn::Lead(lead)) = live.await else {
+            panic!("the slot skips the cancelled waiter");
+        };
+        // A lead sent to a waiter that never reads it is freed with the message.
+        let Admission::Later(never_read) = queue.admit(&["d"]) else {
+            panic!("waits");
+        };
+        drop(lead);
+        assert_eq!(in_flight(&queue), 1, "the slot passed to the waiter");
+        drop(never_read);
+        assert_eq!((in_flight(&queue), waiting(&queue)), (0, 0));
+    }
+
+    #[test]
+    fn a_batch_stops_near_the_key_limit() {
+        let queue = ProbeQueue::new(1);
+        let _slot = queue.admit(&["a"]);
+        let many: Vec<String> = (0..600).map(|i| i.to_string()).collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        let _w1 = queue.admit(&many);
+        let _w2 = queue.admit(&many);
+        assert_eq!(queue.take_waiting(1).len(), 1);
+        assert_eq!(waiting(&queue), 1);
+    }
+
+    #[test]
+    fn shared_errors_keep_their_kind_and_cause() {
+        let timeout = Error::Timeout {
+            backend: "redis",
+            operation: "probe",
+            after: std::time::Duration::from_millis(100),
+        };
+        assert!(
+            matches!(share_error(&timeout), Error::Timeout { after, .. } if after.as_millis() == 100)
+        );
+        let reset = Error::Backend {
+            backend: "redis",
+            operation: "probe",
+            source: "connection reset".into(),
+        };
+        let shared = share_error(&reset);
+        assert!(matches!(shared, Error::Backend { .. }));
+        assert_eq!(error_chain(&shared), error_chain(&reset));
+    }
+
+    #[test]
+    fn a_leader_skips_cancelled_waiters_and_requeued_reads_go_first() {
+        let queue = ProbeQueue::new(1);
+        let _slot = queue.admit(&["a"]);
+        let cancelled = queue.admit(&["b"]);
+        let _live = queue.admit(&["c"]);
+        let _again = queue.admit_again(&["d"]);
+        drop(cancelled);
+        let taken = queue.take_waiting(1);
+        let keys: Vec<&str> = taken.iter().flat_map(Waiter::keys).collect();
+        assert_eq!(keys, ["d", "c"]);
+    }
+
+    #[test]
+    fn a_leader_at_the_key_limit_takes_no_one() {
+        let queue = ProbeQueue::new(1);
+        let _slot = queue.admit(&["a"]);
+        let _waiter = queue.admit(&["b"]);
+        assert!(queue.take_waiting(MAX_BATCH_KEYS).is_empty());
+        assert_eq!(waiting(&queue), 1);
+    }
+}
