@@ -1,6 +1,7 @@
 //! The one error type of the crate.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// A boxed error from a caller's loader or from a backend, kept as a `source()`.
@@ -268,6 +269,98 @@ fn period_phrase(period: &str) -> String {
     }
 }
 
+/// One receiver's copy of an error that several receive (an `Error` is not `Clone`): the
+/// callers of one batched call, say. Invalid input, unavailability, API errors and timeouts
+/// keep their kind; a backend error keeps its backend, operation and cause; anything else
+/// becomes a backend error of `operation` on `backend`, with the original as its source.
+pub(crate) fn share(error: &Arc<Error>, backend: &'static str, operation: &'static str) -> Error {
+    match &**error {
+        Error::InvalidInput { what, reason } => Error::InvalidInput {
+            what,
+            reason: reason.clone(),
+        },
+        Error::Unavailable {
+            backend,
+            operation,
+            retry_in,
+        } => Error::Unavailable {
+            backend,
+            operation,
+            retry_in: *retry_in,
+        },
+        Error::Api {
+            backend,
+            status,
+            kind,
+            code,
+            message,
+        } => Error::Api {
+            backend,
+            status: *status,
+            kind: kind.clone(),
+            code: code.clone(),
+            message: message.clone(),
+        },
+        Error::Timeout {
+            backend,
+            operation,
+            after,
+        } => Error::Timeout {
+            backend,
+            operation,
+            after: *after,
+        },
+        Error::Backend {
+            backend, operation, ..
+        } => Error::Backend {
+            backend,
+            operation,
+            source: Box::new(Shared {
+                error: error.clone(),
+                cause_only: true,
+            }),
+        },
+        _ => Error::Backend {
+            backend,
+            operation,
+            source: Box::new(Shared {
+                error: error.clone(),
+                cause_only: false,
+            }),
+        },
+    }
+}
+
+/// The source of a [`share`]d error: the original error, or only its cause (when the copy
+/// already says what the original said).
+#[derive(Debug)]
+struct Shared {
+    error: Arc<Error>,
+    cause_only: bool,
+}
+
+impl Shared {
+    fn shown(&self) -> &(dyn std::error::Error + 'static) {
+        let error: &(dyn std::error::Error + 'static) = &*self.error;
+        match (self.cause_only, error.source()) {
+            (true, Some(cause)) => cause,
+            _ => error,
+        }
+    }
+}
+
+impl fmt::Display for Shared {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self.shown(), f)
+    }
+}
+
+impl std::error::Error for Shared {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.shown().source()
+    }
+}
+
 /// Shortens caller-supplied text for an error message, so a 1 MiB key does not become a
 /// 1 MiB error.
 pub(crate) fn excerpt(text: &str) -> String {
@@ -293,6 +386,41 @@ mod tests {
         let cut = excerpt(&long);
         assert!(cut.ends_with("(200 bytes)"), "{cut}");
         assert!(cut.len() < 100);
+    }
+
+    #[test]
+    fn shared_copies_keep_the_kind_and_the_whole_cause() {
+        let chain = |e: &dyn std::error::Error| {
+            let mut text = e.to_string();
+            let mut next = e.source();
+            while let Some(cause) = next {
+                text = format!("{text}: {cause}");
+                next = cause.source();
+            }
+            text
+        };
+        let reset = Arc::new(Error::Backend {
+            backend: "redis",
+            operation: "probe",
+            source: "connection reset".into(),
+        });
+        let copy = share(&reset, "redis", "probe");
+        assert!(copy.is_backend());
+        assert_eq!(chain(&copy), "redis probe failed: connection reset");
+        let timeout = Arc::new(Error::Timeout {
+            backend: "redis",
+            operation: "probe",
+            after: Duration::from_millis(100),
+        });
+        assert!(share(&timeout, "x", "y").is_timeout());
+        let invalid = Arc::new(Error::invalid("texts", "empty"));
+        assert!(share(&invalid, "x", "y").is_invalid_input());
+        let other = Arc::new(Error::corrupt("bad magic"));
+        let copy = share(&other, "embeddings", "embed batch");
+        assert_eq!(
+            chain(&copy),
+            format!("embeddings embed batch failed: {}", chain(&*other))
+        );
     }
 
     #[test]

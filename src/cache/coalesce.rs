@@ -14,9 +14,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::oneshot;
 
-use super::stats::error_chain;
 use super::store::Probe;
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 /// Most keys one coalesced probe carries; later waiters go in the next one.
 const MAX_BATCH_KEYS: usize = 1000;
@@ -200,45 +199,6 @@ pub(crate) fn split(probe: Probe, lengths: &[usize]) -> Vec<Probe> {
         .collect()
 }
 
-/// The same failure for another read of a batch (errors are not `Clone`): the same kind,
-/// with the cause's text.
-pub(crate) fn share_error(error: &Error) -> Error {
-    match error {
-        Error::Timeout {
-            backend,
-            operation,
-            after,
-        } => Error::Timeout {
-            backend,
-            operation,
-            after: *after,
-        },
-        Error::Unavailable {
-            backend,
-            operation,
-            retry_in,
-        } => Error::Unavailable {
-            backend,
-            operation,
-            retry_in: *retry_in,
-        },
-        Error::Backend {
-            backend,
-            operation,
-            source,
-        } => Error::Backend {
-            backend,
-            operation,
-            source: error_chain(source.as_ref()).into(),
-        },
-        other => Error::Backend {
-            backend: "redis",
-            operation: "probe",
-            source: error_chain(other).into(),
-        },
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -341,26 +301,6 @@ mod tests {
         let _w2 = queue.admit(&many);
         assert_eq!(queue.take_waiting(1).len(), 1);
         assert_eq!(waiting(&queue), 1);
-    }
-
-    #[test]
-    fn shared_errors_keep_their_kind_and_cause() {
-        let timeout = Error::Timeout {
-            backend: "redis",
-            operation: "probe",
-            after: std::time::Duration::from_millis(100),
-        };
-        assert!(
-            matches!(share_error(&timeout), Error::Timeout { after, .. } if after.as_millis() == 100)
-        );
-        let reset = Error::Backend {
-            backend: "redis",
-            operation: "probe",
-            source: "connection reset".into(),
-        };
-        let shared = share_error(&reset);
-        assert!(matches!(shared, Error::Backend { .. }));
-        assert_eq!(error_chain(&shared), error_chain(&reset));
     }
 
     #[test]

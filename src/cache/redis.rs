@@ -823,10 +823,11 @@ impl RedisTiers {
                 Ok(mine)
             }
             Err(error) => {
+                let error = Arc::new(error);
                 for waiter in waiters {
-                    waiter.answer(Err(coalesce::share_error(&error)));
+                    waiter.answer(Err(crate::error::share(&error, "redis", "probe")));
                 }
-                Err(error)
+                Err(crate::error::share(&error, "redis", "probe"))
             }
         }
     }

@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use super::embedder::{EmbedRequest, Embedder, MAX_INPUTS, MAX_REQUEST_TOKENS, check_text};
 use crate::cache::{EntryOptions, TieredCache};
 use crate::cost::{CostMeter, MicroUsd, Reservation, Spender, Usage, UsageSource};
-use crate::error::{Error, Result};
+use crate::error::{self, Error, Result};
 use crate::tally::Tally;
 
 /// Settings of a [`Batcher`]. The defaults are the report's.
@@ -765,7 +765,8 @@ async fn send(shared: &Shared, batch: Vec<(String, u32)>) {
                 let error = Arc::new(error);
                 for waiter in slot.waiters {
                     release(shared, &waiter).await;
-                    let _ = waiter.reply.send(Err(share_error(&error)));
+                    let copy = error::share(&error, "embeddings", "embed batch");
+                    let _ = waiter.reply.send(Err(copy));
                 }
             }
         }
@@ -863,71 +864,9 @@ async fn fail(shared: &Shared, slots: Vec<Slot>, error: Error) {
     for slot in slots {
         for waiter in slot.waiters {
             release(shared, &waiter).await;
-            let _ = waiter.reply.send(Err(share_error(&shared_error)));
+            let copy = error::share(&shared_error, "embeddings", "embed batch");
+            let _ = waiter.reply.send(Err(copy));
         }
-    }
-}
-
-/// An error that several callers receive: its message and source shared.
-#[derive(Debug)]
-struct SharedError(Arc<Error>);
-
-impl fmt::Display for SharedError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(&self.0, f)
-    }
-}
-
-impl std::error::Error for SharedError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        std::error::Error::source(&*self.0)
-    }
-}
-
-/// One caller's copy of an error several callers receive. Invalid input stays invalid input;
-/// anything else is a backend error whose source carries the original.
-fn share_error(error: &Arc<Error>) -> Error {
-    match &**error {
-        Error::InvalidInput { what, reason } => Error::InvalidInput {
-            what,
-            reason: reason.clone(),
-        },
-        Error::Unavailable {
-            backend,
-            operation,
-            retry_in,
-        } => Error::Unavailable {
-            backend,
-            operation,
-            retry_in: *retry_in,
-        },
-        Error::Api {
-            backend,
-            status,
-            kind,
-            code,
-            message,
-        } => Error::Api {
-            backend,
-            status: *status,
-            kind: kind.clone(),
-            code: code.clone(),
-            message: message.clone(),
-        },
-        Error::Timeout {
-            backend,
-            operation,
-            after,
-        } => Error::Timeout {
-            backend,
-            operation,
-            after: *after,
-        },
-        _ => Error::Backend {
-            backend: "embeddings",
-            operation: "embed batch",
-            source: Box::new(SharedError(error.clone())),
-        },
     }
 }
 
