@@ -250,48 +250,30 @@ where
         .unwrap();
     let raw_keys: Arc<[String]> = keys.iter().map(|k| envelope_key(k)).collect();
     let raw_round = || {
-        let raw = raw.clone();
-        let raw_keys = raw_keys.clone();
-        async move {
-            let tasks: Vec<_> = (0..TASKS)
-                .map(|task| {
-                    let mut raw = raw.clone();
-                    let raw_keys = raw_keys.clone();
-                    tokio::spawn(async move {
-                        for _ in 0..READS {
-                            let _: Vec<u8> = redis::cmd("GET")
-                                .arg(&raw_keys[task])
-                                .query_async(&mut raw)
-                                .await
-                                .unwrap();
-                        }
-                    })
-                })
-                .collect();
-            for task in tasks {
-                task.await.unwrap();
+        let (raw, raw_keys) = (raw.clone(), raw_keys.clone());
+        each_task(TASKS, move |task| {
+            let (mut raw, raw_keys) = (raw.clone(), raw_keys.clone());
+            async move {
+                for _ in 0..READS {
+                    let _: Vec<u8> = redis::cmd("GET")
+                        .arg(&raw_keys[task])
+                        .query_async(&mut raw)
+                        .await
+                        .unwrap();
+                }
             }
-        }
+        })
     };
     let pupkit_round = || {
-        let cache = cache.clone();
-        let keys = keys.clone();
-        async move {
-            let tasks: Vec<_> = (0..TASKS)
-                .map(|task| {
-                    let cache = cache.clone();
-                    let keys = keys.clone();
-                    tokio::spawn(async move {
-                        for _ in 0..READS {
-                            cache.get(&keys[task]).await.unwrap().unwrap();
-                        }
-                    })
-                })
-                .collect();
-            for task in tasks {
-                task.await.unwrap();
+        let (cache, keys) = (cache.clone(), keys.clone());
+        each_task(TASKS, move |task| {
+            let (cache, keys) = (cache.clone(), keys.clone());
+            async move {
+                for _ in 0..READS {
+                    cache.get(&keys[task]).await.unwrap().unwrap();
+                }
             }
-        }
+        })
     };
     let name = group;
     let mut group = c.benchmark_group(name);
@@ -300,6 +282,18 @@ where
     group.bench_function("pupkit", |b| b.to_async(&rt).iter(pupkit_round));
     group.finish();
     pair(name, &rt, 2, raw_round, pupkit_round);
+}
+
+/// Spawns `tasks` tasks, the `i`th running `work(i)`, and waits for them all.
+async fn each_task<F, Fut>(tasks: usize, work: F)
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let handles: Vec<_> = (0..tasks).map(|i| tokio::spawn(work(i))).collect();
+    for handle in handles {
+        handle.await.unwrap();
+    }
 }
 
 /// 1,000 concurrent `get_or_load` calls of one cold key whose loader sleeps 5 ms, against one
