@@ -234,28 +234,6 @@ async fn schema_exists(schema: &str) -> bool {
     row.get::<_, i64>(0) > 0
 }
 
-async fn redis_keys(pattern: &str) -> usize {
-    let mut conn = support::redis::raw().await;
-    let mut cursor: u64 = 0;
-    let mut found = 0;
-    loop {
-        let (next, keys): (u64, Vec<String>) = ::redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(pattern)
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(&mut conn)
-            .await
-            .expect("scan");
-        found += keys.len();
-        if next == 0 {
-            return found;
-        }
-        cursor = next;
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Tests
 
@@ -336,7 +314,9 @@ async fn an_in_process_run_writes_a_json_and_an_html_report_that_agree() {
         Some("redis") => {
             let prefix = components["redis_key_prefix"].as_str().expect("prefix");
             assert_eq!(
-                redis_keys(&format!("{prefix}:*")).await,
+                support::redis::keys_matching(&format!("{prefix}:*"))
+                    .await
+                    .len(),
                 0,
                 "keys under {prefix} left behind"
             );

@@ -752,11 +752,14 @@ impl RedisTiers {
             ..Probe::default()
         };
         for chunk in keys.chunks(PROBE_CHUNK) {
-            let seen: Vec<Option<Seen>> = chunk.iter().map(|key| self.seen.get(key)).collect();
-            if seen.iter().all(Option::is_some) {
-                let seen: Vec<Seen> = seen.into_iter().flatten().collect();
+            // The common case, every key known, stops at the first unknown one.
+            let all_seen: Option<Vec<Seen>> = chunk.iter().map(|key| self.seen.get(key)).collect();
+            if let Some(seen) = all_seen {
                 self.probe_seen(chunk, &seen, &mut probe).await?;
-            } else if seen.iter().all(Option::is_none) {
+                continue;
+            }
+            let seen: Vec<Option<Seen>> = chunk.iter().map(|key| self.seen.get(key)).collect();
+            if seen.iter().all(Option::is_none) {
                 Box::pin(self.probe_by_script(chunk, &mut probe)).await?;
             } else {
                 Box::pin(self.probe_mixed(chunk, seen, &mut probe)).await?;

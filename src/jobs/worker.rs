@@ -30,29 +30,19 @@ pub const SYSTEM_USER: &str = "system";
 
 /// One claimed job, handed to the handler: its data and where it stands.
 pub struct Job<T> {
-    id: String,
-    /// The claim's fencing token: unique per claim, across restarts of Redis too.
-    token: String,
+    facts: JobFacts,
     data: T,
     user: Option<String>,
-    attempt: u32,
-    max_attempts: u32,
-    priority: Priority,
-    enqueued_at: Timestamp,
-    claimed_at: Timestamp,
-    queue: Arc<str>,
-    service: Arc<str>,
-    meter: Option<Arc<dyn CostMeter>>,
 }
 
 impl<T: fmt::Debug> fmt::Debug for Job<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Job")
-            .field("queue", &self.queue)
-            .field("id", &self.id)
-            .field("attempt", &self.attempt)
-            .field("max_attempts", &self.max_attempts)
-            .field("priority", &self.priority)
+            .field("queue", &self.facts.queue)
+            .field("id", &self.facts.id)
+            .field("attempt", &self.facts.attempt)
+            .field("max_attempts", &self.facts.max_attempts)
+            .field("priority", &self.facts.priority)
             .field("data", &self.data)
             .finish_non_exhaustive()
     }
@@ -61,7 +51,7 @@ impl<T: fmt::Debug> fmt::Debug for Job<T> {
 impl<T> Job<T> {
     /// The job's id (unique within its queue).
     pub fn id(&self) -> &str {
-        &self.id
+        &self.facts.id
     }
 
     /// The payload.
@@ -81,27 +71,27 @@ impl<T> Job<T> {
 
     /// This attempt's number, from 1.
     pub fn attempt(&self) -> u32 {
-        self.attempt
+        self.facts.attempt
     }
 
     /// Attempts it has in all.
     pub fn max_attempts(&self) -> u32 {
-        self.max_attempts
+        self.facts.max_attempts
     }
 
     /// Its priority.
     pub fn priority(&self) -> Priority {
-        self.priority
+        self.facts.priority
     }
 
     /// When it was enqueued (Redis's clock).
     pub fn enqueued_at(&self) -> Timestamp {
-        self.enqueued_at
+        self.facts.enqueued_at
     }
 
     /// When this attempt was claimed (Redis's clock).
     pub fn claimed_at(&self) -> Timestamp {
-        self.claimed_at
+        self.facts.claimed_at
     }
 
     /// A usage event for `model`, booked to the queue's service and the job's user (or
@@ -110,8 +100,11 @@ impl<T> Job<T> {
     /// a run after a release, a revived dead job), which calls the API again, counts again.
     pub fn usage(&self, model: impl Into<String>) -> Usage {
         Usage::new(
-            format!("job:{}:{}:{}", self.queue, self.id, self.token),
-            self.service.as_ref(),
+            format!(
+                "job:{}:{}:{}",
+                self.facts.queue, self.facts.id, self.facts.token
+            ),
+            self.facts.service.as_ref(),
             self.user.as_deref().unwrap_or(SYSTEM_USER),
             model,
         )
@@ -120,7 +113,7 @@ impl<T> Job<T> {
     /// Records `usage` (see [`usage`](Self::usage)) with the worker's cost meter. `None` when
     /// the worker has no meter.
     pub async fn record_cost(&self, usage: Usage) -> Result<Option<Recorded>> {
-        match &self.meter {
+        match &self.facts.meter {
             Some(meter) => meter.record(usage).await.map(Some),
             None => Ok(None),
         }
@@ -881,6 +874,7 @@ impl Drop for SlotGuard {
 /// What a [`Job`] carries besides its data, gathered before the payload is decoded.
 struct JobFacts {
     id: String,
+    /// The claim's fencing token: unique per claim, across restarts of Redis too.
     token: String,
     attempt: u32,
     max_attempts: u32,
@@ -895,18 +889,9 @@ struct JobFacts {
 impl JobFacts {
     fn into_job<T>(self, data: T, user: Option<String>) -> Job<T> {
         Job {
-            id: self.id,
-            token: self.token,
+            facts: self,
             data,
             user,
-            attempt: self.attempt,
-            max_attempts: self.max_attempts,
-            priority: self.priority,
-            enqueued_at: self.enqueued_at,
-            claimed_at: self.claimed_at,
-            queue: self.queue,
-            service: self.service,
-            meter: self.meter,
         }
     }
 }

@@ -87,10 +87,10 @@ pub mod redis {
         delete_matching(&format!("{prefix}:*")).await;
     }
 
-    /// Deletes every key matching the glob `pattern` (a test's own keys only; never a flush).
-    pub async fn delete_matching(pattern: &str) {
+    /// Every key matching the glob `pattern`, by `SCAN` (never `KEYS`).
+    pub async fn keys_matching(pattern: &str) -> Vec<String> {
         let mut conn = raw().await;
-        let mut cursor: u64 = 0;
+        let (mut cursor, mut found) = (0u64, Vec::new());
         loop {
             let (next, keys): (u64, Vec<String>) = ::redis::cmd("SCAN")
                 .arg(cursor)
@@ -101,17 +101,23 @@ pub mod redis {
                 .query_async(&mut conn)
                 .await
                 .expect("scan");
-            if !keys.is_empty() {
-                let _: () = ::redis::cmd("DEL")
-                    .arg(keys)
-                    .query_async(&mut conn)
-                    .await
-                    .expect("del");
-            }
+            found.extend(keys);
             if next == 0 {
-                break;
+                return found;
             }
             cursor = next;
+        }
+    }
+
+    /// Deletes every key matching the glob `pattern` (a test's own keys only; never a flush).
+    pub async fn delete_matching(pattern: &str) {
+        let mut conn = raw().await;
+        for keys in keys_matching(pattern).await.chunks(1000) {
+            let _: () = ::redis::cmd("DEL")
+                .arg(keys)
+                .query_async(&mut conn)
+                .await
+                .expect("del");
         }
     }
 
