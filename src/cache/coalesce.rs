@@ -38,8 +38,54 @@ struct State {
 
 /// A read waiting for a turn: its keys, and where its answer goes.
 pub(crate) struct Waiter {
-    keys: Vec<String>,
+    keys: Keys,
     reply: oneshot::Sender<Turn>,
+}
+
+/// A waiter's own copy of its keys, in one buffer: one allocation for a read of one key (the
+/// common case), two for a batch.
+struct Keys {
+    /// The keys, one after another.
+    text: String,
+    /// Where each key but the last ends in `text`; empty for one key.
+    ends: Vec<usize>,
+    /// How many keys there are (`ends.len() + 1`, or 0).
+    count: usize,
+}
+
+impl Keys {
+    fn copy(keys: &[&str]) -> Self {
+        let mut text = String::with_capacity(keys.iter().map(|k| k.len()).sum());
+        let mut ends = Vec::new();
+        for (i, key) in keys.iter().enumerate() {
+            if i > 0 {
+                ends.push(text.len());
+            }
+            text.push_str(key);
+        }
+        Keys {
+            text,
+            ends,
+            count: keys.len(),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.count
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &str> {
+        let starts = std::iter::once(0).chain(self.ends.iter().copied());
+        let ends = self
+            .ends
+            .iter()
+            .copied()
+            .chain(std::iter::once(self.text.len()));
+        starts
+            .zip(ends)
+            .take(self.count)
+            .map(|(start, end)| &self.text[start..end])
+    }
 }
 
 /// What a waiting read is told.
@@ -100,7 +146,7 @@ impl ProbeQueue {
         }
         let (reply, receiver) = oneshot::channel();
         let waiter = Waiter {
-            keys: keys.iter().map(|k| (*k).to_owned()).collect(),
+            keys: Keys::copy(keys),
             reply,
         };
         if front {
@@ -172,7 +218,7 @@ impl Drop for Slot {
 impl Waiter {
     /// The waiter's keys.
     pub(crate) fn keys(&self) -> impl Iterator<Item = &str> {
-        self.keys.iter().map(String::as_str)
+        self.keys.iter()
     }
 
     /// How many keys it waits for.
@@ -209,6 +255,15 @@ mod tests {
 
     fn in_flight(queue: &ProbeQueue) -> usize {
         queue.shared.lock().in_flight
+    }
+
+    #[test]
+    fn a_waiter_keeps_its_keys_in_order() {
+        for keys in [&[][..], &["a"], &["", "bc", "d"], &["ключ", "k:1", ""]] {
+            let copied = Keys::copy(keys);
+            assert_eq!(copied.len(), keys.len());
+            assert_eq!(copied.iter().collect::<Vec<_>>(), keys);
+        }
     }
 
     #[test]

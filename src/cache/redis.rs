@@ -880,7 +880,8 @@ impl TierStore for RedisTiers {
             };
             match waiting.await {
                 Ok(Turn::Done(result)) => return result,
-                Ok(Turn::Lead(_slot)) => return self.probe_for_waiters(keys).await,
+                // Boxed: once per batch, and it keeps every read's future small.
+                Ok(Turn::Lead(_slot)) => return Box::pin(self.probe_for_waiters(keys)).await,
                 // The leader that carried these keys was cancelled: queue again.
                 Err(_) => admission = self.queue.admit_again(keys),
             }

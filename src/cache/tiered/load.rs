@@ -250,7 +250,7 @@ where
             None => None,
         };
         // Another instance may have refreshed it just before releasing the lock.
-        if let Some(Some(hit)) = self.probe_detail(&[key], false).await.pop()
+        if let Some(hit) = self.probe_detail_one(key, false).await
             && hit.fresh
             && !hit.refresh_due
         {
@@ -314,7 +314,7 @@ where
                 None => {}
             }
         }
-        match self.probe_detail(&[key], true).await.pop().flatten() {
+        match self.probe_detail_one(key, true).await {
             Some(hit) if hit.fresh => {
                 if hit.refresh_due {
                     // Served now; the refresh runs after, in this same background task.
@@ -383,7 +383,7 @@ where
             match HeldLock::try_take(store, key, config.lease).await {
                 Ok(Some(held)) => {
                     // Another instance may have filled the key just before releasing.
-                    if let Some(value) = self.probe_shared(&[key], false).await.pop().flatten() {
+                    if let Some(value) = self.probe_one(key, false).await {
                         held.release().await;
                         return LockTurn::Filled(value);
                     }
@@ -406,7 +406,7 @@ where
                 return LockTurn::Unlocked;
             }
             tokio::time::sleep(backoff.pause().min(left)).await;
-            if let Some(value) = self.probe_shared(&[key], false).await.pop().flatten() {
+            if let Some(value) = self.probe_one(key, false).await {
                 return LockTurn::Filled(value);
             }
         }

@@ -272,7 +272,7 @@ where
         {
             return Ok(Some(value));
         }
-        Ok(self.probe_shared(&[key], true).await.pop().flatten())
+        Ok(self.probe_one(key, true).await)
     }
 
     /// A counted L0 lookup: the value and whether it is fresh (a stale one counts as a miss).
@@ -329,7 +329,7 @@ where
             return Ok(out);
         }
         if let [i] = missing[..] {
-            out[i] = self.probe_shared(&[keys[i]], true).await.pop().flatten();
+            out[i] = self.probe_one(keys[i], true).await;
             return Ok(out);
         }
         // Probe each distinct key once.
@@ -614,43 +614,48 @@ where
             .collect()
     }
 
+    /// [`probe_shared`](Self::probe_shared) of one key.
+    async fn probe_one(&self, key: &str, counted: bool) -> Option<Arc<V>> {
+        let hit = self.probe_detail_one(key, counted).await?;
+        hit.fresh.then_some(hit.value)
+    }
+
     /// Like [`probe_shared`](Self::probe_shared), with stale values (past their TTL, within
     /// their grace) too, each with whether it is fresh.
     async fn probe_detail(&self, keys: &[&str], counted: bool) -> Vec<Option<Hit<V>>> {
-        let inner = &*self.inner;
-        let Some(store) = &inner.store else {
+        let Some((store, probe)) = self.probe_store(keys).await else {
             return vec![None; keys.len()];
         };
-        let probe = match self.track(store.backend(), store.probe(keys).await) {
-            Ok(probe) => probe,
-            Err(_) => return vec![None; keys.len()],
-        };
-        self.note_store_clock(probe.now_us);
-        let Probe {
-            now_us,
-            clear_us,
-            found,
-        } = probe;
         let mut out = Vec::with_capacity(keys.len());
-        for (key, found) in keys.iter().zip(found) {
-            let value = match found {
-                Some(found) => {
-                    self.accept(store.as_ref(), key, found, now_us, clear_us, counted)
-                        .await
-                }
-                None => {
-                    if counted {
-                        inner.tally.tiers[1..].iter().for_each(|t| t.misses.add(1));
-                    }
-                    None
-                }
-            };
-            out.push(value);
+        for (key, found) in keys.iter().zip(probe.found) {
+            let hit = self
+                .accept(store, key, found, probe.now_us, probe.clear_us, counted)
+                .await;
+            out.push(hit);
         }
         out
     }
 
-    /// Decodes and checks one found entry; counts hits, misses, promotions and demotions.
+    /// [`probe_detail`](Self::probe_detail) of one key, without a `Vec` for its answer (a
+    /// single read's hot path).
+    async fn probe_detail_one(&self, key: &str, counted: bool) -> Option<Hit<V>> {
+        let (store, probe) = self.probe_store(&[key]).await?;
+        let found = probe.found.into_iter().next().flatten();
+        self.accept(store, key, found, probe.now_us, probe.clear_us, counted)
+            .await
+    }
+
+    /// The store's answer for `keys`, and the store; `None` without a store or when the probe
+    /// failed (counted).
+    async fn probe_store(&self, keys: &[&str]) -> Option<(&dyn TierStore, Probe)> {
+        let store = self.inner.store.as_deref()?;
+        let probe = self.track(store.backend(), store.probe(keys).await).ok()?;
+        self.note_store_clock(probe.now_us);
+        Some((store, probe))
+    }
+
+    /// Decodes and checks one found entry (`None`: not found); counts hits, misses, promotions
+    /// and demotions.
     /// Returns the value and whether it is fresh; a stale value (past its TTL, within its
     /// grace) counts as a miss.
     #[allow(clippy::too_many_arguments)]
@@ -658,7 +663,7 @@ where
         &self,
         store: &dyn TierStore,
         key: &str,
-        found: Found,
+        found: Option<Found>,
         now_us: u64,
         clear_us: u64,
         counted: bool,
@@ -671,6 +676,10 @@ where
             for tier in 0..=last.min(inner.config.tiers.len() - 1) {
                 inner.tally.shared(tier).misses.add(1);
             }
+        };
+        let Some(found) = found else {
+            count_misses_through(usize::MAX);
+            return None;
         };
         let decoded = match codec::decode::<V>(key, &found.envelope, inner.config.max_value_bytes) {
             Ok(decoded) => decoded,
