@@ -33,12 +33,25 @@ fn memory_cache(name: &str) -> Tiered<Message> {
         .unwrap()
 }
 
-/// Counts calls to the store it wraps.
+/// Counts calls to the store it wraps; with `short_answers` set, its probes leave out the
+/// last key's slot (a broken store).
 #[derive(Debug)]
 struct CountingStore {
     inner: MemoryTiers,
     probes: AtomicUsize,
     probed_keys: AtomicUsize,
+    short_answers: std::sync::atomic::AtomicBool,
+}
+
+impl CountingStore {
+    fn new(config: &TieredConfig) -> Self {
+        CountingStore {
+            inner: MemoryTiers::new(config, 1 << 20),
+            probes: AtomicUsize::new(0),
+            probed_keys: AtomicUsize::new(0),
+            short_answers: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
 }
 
 #[async_trait]
@@ -49,7 +62,11 @@ impl TierStore for CountingStore {
     async fn probe(&self, keys: &[&str]) -> pupkit::Result<Probe> {
         self.probes.fetch_add(1, Ordering::SeqCst);
         self.probed_keys.fetch_add(keys.len(), Ordering::SeqCst);
-        self.inner.probe(keys).await
+        let mut probe = self.inner.probe(keys).await?;
+        if self.short_answers.load(Ordering::SeqCst) {
+            probe.found.pop();
+        }
+        Ok(probe)
     }
     async fn write(&self, writes: Vec<Write<'_>>) -> pupkit::Result<u64> {
         self.inner.write(writes).await
@@ -500,11 +517,7 @@ async fn a_value_loaded_before_an_invalidation_is_not_served_after_it() {
 #[tokio::test]
 async fn an_l0_miss_is_one_probe_of_the_shared_tiers_even_for_many_keys() {
     let config = TieredConfig::named("probes");
-    let store = Arc::new(CountingStore {
-        inner: MemoryTiers::new(&config, 1 << 20),
-        probes: AtomicUsize::new(0),
-        probed_keys: AtomicUsize::new(0),
-    });
+    let store = Arc::new(CountingStore::new(&config));
     let writer: Tiered<Message> = Tiered::builder(config.clone())
         .store(store.clone())
         .build()
@@ -537,6 +550,42 @@ async fn an_l0_miss_is_one_probe_of_the_shared_tiers_even_for_many_keys() {
     assert!(values[..10].iter().all(Option::is_some));
     assert!(values[10].is_none() && values[11].is_none());
     assert_eq!(values[12].as_deref(), Some(&message(3)));
+}
+
+#[tokio::test]
+async fn a_store_answering_too_few_slots_is_a_backend_error_not_a_panic() {
+    let mut config = TieredConfig::named("short");
+    config.l0.enabled = false;
+    let store = Arc::new(CountingStore::new(&config));
+    let cache: Tiered<Message> = Tiered::builder(config)
+        .store(store.clone())
+        .build()
+        .unwrap();
+    for id in 0..3 {
+        let key = format!("m:{id}");
+        cache
+            .set(&key, message(id), &EntryOptions::new())
+            .await
+            .unwrap();
+    }
+    store.short_answers.store(true, Ordering::SeqCst);
+    assert!(cache.get("m:0").await.unwrap().is_none());
+    let values = cache.get_many(&["m:0", "m:1", "m:2"]).await.unwrap();
+    assert_eq!(values.len(), 3);
+    assert!(values.iter().all(Option::is_none));
+    let loaded = cache
+        .get_or_load("m:1", &EntryOptions::new(), || async {
+            Ok::<_, std::io::Error>(message(7))
+        })
+        .await
+        .unwrap();
+    assert_eq!(*loaded, message(7));
+    let stats = cache.stats();
+    assert!(stats.backend_errors >= 3, "{stats:?}");
+    // A broken answer is not a miss of the data: no tier counted one.
+    assert!(stats.tiers.iter().all(|t| t.misses == 0), "{stats:?}");
+    store.short_answers.store(false, Ordering::SeqCst);
+    assert_eq!(*cache.get("m:2").await.unwrap().unwrap(), message(2));
 }
 
 #[tokio::test]

@@ -56,7 +56,7 @@ struct Keys {
 impl Keys {
     fn copy(keys: &[&str]) -> Self {
         let mut text = String::with_capacity(keys.iter().map(|k| k.len()).sum());
-        let mut ends = Vec::new();
+        let mut ends = Vec::with_capacity(keys.len().saturating_sub(1));
         for (i, key) in keys.iter().enumerate() {
             if i > 0 {
                 ends.push(text.len());

@@ -1029,6 +1029,20 @@ impl TierStore for RedisTiers {
 mod tests {
     use super::*;
 
+    /// Every read boxes its probe future (see ARCHITECTURE.md): at most 1,032 bytes, glibc
+    /// serves it from a per-thread cache instead of its locked arenas.
+    #[cfg(target_pointer_width = "64")]
+    #[tokio::test]
+    async fn a_probe_future_fits_the_glibc_thread_cache() {
+        // Lazy: nothing connects, and the future is never polled.
+        let config = crate::redis::RedisConfig::new("redis://127.0.0.1:1");
+        let connection = RedisConnection::lazy(&config).unwrap();
+        let tiers = RedisTiers::new(connection, &TieredConfig::named("size"));
+        let probe = tiers.probe(&["k"]);
+        let size = std::mem::size_of_val(&*probe);
+        assert!(size <= 1032, "a probe future is {size} bytes");
+    }
+
     #[test]
     fn parses_hits_misses_and_stamps() {
         let reply = Value::Array(vec![

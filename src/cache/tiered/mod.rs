@@ -603,7 +603,7 @@ where
     }
 
     /// Probes the shared tiers for `keys` and turns what they hold into values, backfilling
-    /// L0. Failures count as misses.
+    /// L0. A failed probe answers `None` for every key and counts as a backend error.
     /// `counted` is false for re-reads that are not new lookups (a lock waiter's polls); they
     /// leave the hit and miss counters alone. Only fresh values.
     async fn probe_shared(&self, keys: &[&str], counted: bool) -> Vec<Option<Arc<V>>> {
@@ -614,7 +614,7 @@ where
             .collect()
     }
 
-    /// [`probe_shared`](Self::probe_shared) of one key.
+    /// [`probe_shared`](Self::probe_shared) of one key: its fresh value, if any.
     async fn probe_one(&self, key: &str, counted: bool) -> Option<Arc<V>> {
         let hit = self.probe_detail_one(key, counted).await?;
         hit.fresh.then_some(hit.value)
@@ -645,17 +645,33 @@ where
             .await
     }
 
-    /// The store's answer for `keys`, and the store; `None` without a store or when the probe
-    /// failed (counted).
+    /// The store's answer for `keys`, one slot per key, and the store. `None` without a
+    /// store, or when the probe failed or answered the wrong number of slots: that counts as
+    /// a backend error, not as misses.
     async fn probe_store(&self, keys: &[&str]) -> Option<(&dyn TierStore, Probe)> {
         let store = self.inner.store.as_deref()?;
-        let probe = self.track(store.backend(), store.probe(keys).await).ok()?;
+        let probe = store.probe(keys).await.and_then(|probe| {
+            if probe.found.len() == keys.len() {
+                return Ok(probe);
+            }
+            Err(Error::Backend {
+                backend: store.backend(),
+                operation: "probe",
+                source: format!(
+                    "the store answered {} slots for {} keys",
+                    probe.found.len(),
+                    keys.len()
+                )
+                .into(),
+            })
+        });
+        let probe = self.track(store.backend(), probe).ok()?;
         self.note_store_clock(probe.now_us);
         Some((store, probe))
     }
 
-    /// Decodes and checks one found entry (`None`: not found); counts hits, misses, promotions
-    /// and demotions.
+    /// Decodes and checks one found entry; counts hits, misses, promotions and demotions. An
+    /// entry not found (`None`) is a plain miss in every shared tier.
     /// Returns the value and whether it is fresh; a stale value (past its TTL, within its
     /// grace) counts as a miss.
     #[allow(clippy::too_many_arguments)]
