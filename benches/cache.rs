@@ -239,7 +239,6 @@ where
     V: Serialize + DeserializeOwned + Send + Sync + 'static,
 {
     const TASKS: usize = 64;
-    const READS: usize = 16;
     let (rt, cache) = redis_cache::<V>();
     let raw = raw_connection(&rt);
     let keys: Arc<[String]> = (0..TASKS).map(|i| format!("{group}:{i}")).collect();
@@ -249,32 +248,8 @@ where
     rt.block_on(cache.set_many(entries, &EntryOptions::new().tier("hot")))
         .unwrap();
     let raw_keys: Arc<[String]> = keys.iter().map(|k| envelope_key(k)).collect();
-    let raw_round = || {
-        let (raw, raw_keys) = (raw.clone(), raw_keys.clone());
-        each_task(TASKS, move |task| {
-            let (mut raw, raw_keys) = (raw.clone(), raw_keys.clone());
-            async move {
-                for _ in 0..READS {
-                    let _: Vec<u8> = redis::cmd("GET")
-                        .arg(&raw_keys[task])
-                        .query_async(&mut raw)
-                        .await
-                        .unwrap();
-                }
-            }
-        })
-    };
-    let pupkit_round = || {
-        let (cache, keys) = (cache.clone(), keys.clone());
-        each_task(TASKS, move |task| {
-            let (cache, keys) = (cache.clone(), keys.clone());
-            async move {
-                for _ in 0..READS {
-                    cache.get(&keys[task]).await.unwrap().unwrap();
-                }
-            }
-        })
-    };
+    let raw_round = || raw_gets_round(&raw, &raw_keys, TASKS);
+    let pupkit_round = || cache_gets_round(&cache, &keys, TASKS);
     let name = group;
     let mut group = c.benchmark_group(name);
     group.throughput(criterion::Throughput::Elements((TASKS * READS) as u64));
@@ -282,6 +257,95 @@ where
     group.bench_function("pupkit", |b| b.to_async(&rt).iter(pupkit_round));
     group.finish();
     pair(name, &rt, 2, raw_round, pupkit_round);
+}
+
+/// How many reads each task of a concurrent round makes, of its own key.
+const READS: usize = 16;
+
+/// One concurrent round, boxed so that both sides have one type.
+type Round = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// `tasks` tasks, the `i`th doing [`READS`] raw `GET`s of `raw_keys[i]` on one multiplexed
+/// connection.
+fn raw_gets_round(
+    raw: &redis::aio::MultiplexedConnection,
+    raw_keys: &Arc<[String]>,
+    tasks: usize,
+) -> Round {
+    let (raw, raw_keys) = (raw.clone(), raw_keys.clone());
+    Box::pin(each_task(tasks, move |task| {
+        let (mut raw, raw_keys) = (raw.clone(), raw_keys.clone());
+        async move {
+            for _ in 0..READS {
+                let _: Vec<u8> = redis::cmd("GET")
+                    .arg(&raw_keys[task])
+                    .query_async(&mut raw)
+                    .await
+                    .unwrap();
+            }
+        }
+    }))
+}
+
+/// `tasks` tasks, the `i`th doing [`READS`] `get`s of `keys[i]` through `cache`.
+fn cache_gets_round<V>(cache: &Tiered<V>, keys: &Arc<[String]>, tasks: usize) -> Round
+where
+    V: Serialize + DeserializeOwned + Send + Sync + 'static,
+{
+    let (cache, keys) = (cache.clone(), keys.clone());
+    Box::pin(each_task(tasks, move |task| {
+        let (cache, keys) = (cache.clone(), keys.clone());
+        async move {
+            for _ in 0..READS {
+                cache.get(&keys[task]).await.unwrap().unwrap();
+            }
+        }
+    }))
+}
+
+/// The in-flight limit against concurrency (ARCHITECTURE.md, "The in-flight limit"): for 4,
+/// 16 and 64 tasks reading embeddings with L0 off, the paired time ratio to the same raw
+/// `GET`s with limits of 1, 4 (the default) and none. Runs when the 64-task group ran.
+fn limit_sweep(rt: &Runtime) {
+    if !support::ran_since("concurrent_64_embedding", "pupkit", *STARTED) {
+        return;
+    }
+    let _runtime = rt.enter();
+    let connection = connection(rt);
+    let raw = raw_connection(rt);
+    let keys: Arc<[String]> = (0..64).map(|i| format!("sweep:{i}")).collect();
+    let raw_keys: Arc<[String]> = keys.iter().map(|k| envelope_key(k)).collect();
+    let limits = [1, 4, 0];
+    let caches: Vec<Tiered<Vec<f32>>> = limits
+        .iter()
+        .map(|&limit| {
+            let mut config = config(false);
+            config.max_probes_in_flight = limit;
+            Tiered::builder(config)
+                .redis(connection.clone())
+                .build()
+                .unwrap()
+        })
+        .collect();
+    let entries = (0..keys.len())
+        .map(|i| (keys[i].clone(), embedding(i as u64)))
+        .collect();
+    rt.block_on(caches[0].set_many(entries, &EntryOptions::new().tier("hot")))
+        .unwrap();
+    println!("\n== in-flight limit vs concurrency (paired time ratio to raw GETs, embeddings, L0 off) ==");
+    println!("tasks | limit 1 | limit 4 (default) | no limit");
+    for tasks in [4, 16, 64] {
+        let ratios: Vec<String> = caches
+            .iter()
+            .map(|cache| {
+                let raw_round = || raw_gets_round(&raw, &raw_keys, tasks);
+                let cache_round = || cache_gets_round(cache, &keys, tasks);
+                let paired = paired::run(rt, 10, Duration::from_secs(2), 1, raw_round, cache_round);
+                format!("{:.2}x", paired.ratio)
+            })
+            .collect();
+        println!("{tasks} | {}", ratios.join(" | "));
+    }
 }
 
 /// Spawns `tasks` tasks, the `i`th running `work(i)`, and waits for them all.
@@ -677,6 +741,7 @@ fn main() {
     let started = *STARTED;
     let rt = Runtime::new().unwrap();
     benches();
+    limit_sweep(&rt);
     redis_memory(&rt);
     backplane_lag(&rt);
     cleanup(&rt);
