@@ -305,7 +305,8 @@ where
 
 /// The in-flight limit against concurrency (ARCHITECTURE.md, "The in-flight limit"): for 4,
 /// 16 and 64 tasks reading embeddings with L0 off, the paired time ratio to the same raw
-/// `GET`s with limits of 1, 4 (the default) and none. Runs when the 64-task group ran.
+/// `GET`s with `max_probes_in_flight` of 1, 4, 32 (the default) and none. Runs when the
+/// 64-task group ran.
 fn limit_sweep(rt: &Runtime) {
     if !support::ran_since("concurrent_64_embedding", "pupkit", *STARTED) {
         return;
@@ -315,7 +316,7 @@ fn limit_sweep(rt: &Runtime) {
     let raw = raw_connection(rt);
     let keys: Arc<[String]> = (0..64).map(|i| format!("sweep:{i}")).collect();
     let raw_keys: Arc<[String]> = keys.iter().map(|k| envelope_key(k)).collect();
-    let limits = [1, 4, 0];
+    let limits = [1, 4, 32, 0];
     let caches: Vec<Tiered<Vec<f32>>> = limits
         .iter()
         .map(|&limit| {
@@ -332,8 +333,10 @@ fn limit_sweep(rt: &Runtime) {
         .collect();
     rt.block_on(caches[0].set_many(entries, &EntryOptions::new().tier("hot")))
         .unwrap();
-    println!("\n== in-flight limit vs concurrency (paired time ratio to raw GETs, embeddings, L0 off) ==");
-    println!("tasks | limit 1 | limit 4 (default) | no limit");
+    println!(
+        "\n== in-flight limit vs concurrency (paired time ratio to raw GETs, embeddings, L0 off) =="
+    );
+    println!("tasks | max 1 | max 4 | max 32 (default) | no limit");
     for tasks in [4, 16, 64] {
         let ratios: Vec<String> = caches
             .iter()

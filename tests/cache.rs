@@ -1781,6 +1781,13 @@ mod redis {
             coalesced <= 3,
             "{coalesced} GET/MGET commands for {kept} reads"
         );
+        // The default: up to its maximum go at once, the rest together.
+        let most = TieredConfig::named("default").max_probes_in_flight;
+        let (burst, kept) = concurrent_reads(&server, most).await;
+        assert!(
+            burst <= most as u64 + 4,
+            "{burst} GET/MGET commands for {kept} reads, at most {most} out at once"
+        );
     }
 
     #[tokio::test]

@@ -1,8 +1,14 @@
-//! [`ProbeQueue`]: coalesces concurrent probes of the shared tiers. While `max_in_flight`
-//! probes are out, further probes wait; when one comes back, the first waiter takes the
-//! waiting reads (up to [`MAX_BATCH_KEYS`] keys) and probes them together: one `MGET` when
-//! every key was read before. A burst of 64 concurrent reads then costs Redis a few commands
-//! instead of 64. Below the limit a probe goes out at once, so a lone read waits for nothing.
+//! [`ProbeQueue`]: coalesces concurrent probes of the shared tiers. While the limit of probes
+//! is out, further probes wait; when one comes back, the first waiter takes the waiting reads
+//! (up to [`MAX_BATCH_KEYS`] keys) and probes them together: one `MGET` when every key was
+//! read before. Below the limit a probe goes out at once, so a lone read waits for nothing.
+//!
+//! The limit adapts between 1 and `max_in_flight`. When [`SATURATED_BATCH_KEYS`] or more
+//! keys queued behind a batch's leader, reads arrive faster than round trips return: the limit
+//! drops to 1, one batch out and the next forming, which costs Redis and the connection the
+//! fewest commands. Each smaller batch doubles it again, so that a moderate load goes back to
+//! reads out side by side, each waiting for no other. 64 tasks reading at once then cost a
+//! few commands a round trip, and 16 tasks do not wait on each other's batches.
 //!
 //! A waiter that is handed the lead holds a [`Slot`]; a slot that is dropped unused (its
 //! holder was cancelled) passes itself on, so cancelled readers can neither strand the
@@ -20,6 +26,10 @@ use crate::error::Result;
 /// Most keys one coalesced probe carries; later waiters go in the next one.
 const MAX_BATCH_KEYS: usize = 1000;
 
+/// Keys queued behind a batch's leader that mean the cache is saturated (see the module
+/// docs): from this many, the limit drops to one probe at a time.
+const SATURATED_BATCH_KEYS: usize = 16;
+
 /// The probes of one store that are out, and the reads waiting for a turn.
 pub(crate) struct ProbeQueue {
     shared: Arc<Shared>,
@@ -30,9 +40,10 @@ struct Shared {
     state: Mutex<State>,
 }
 
-#[derive(Default)]
 struct State {
     in_flight: usize,
+    /// The current limit, between 1 and `max_in_flight`.
+    limit: usize,
     waiting: VecDeque<Waiter>,
 }
 
@@ -111,12 +122,17 @@ pub(crate) struct Slot {
 }
 
 impl ProbeQueue {
-    /// A queue that lets `max_in_flight` probes out at once (0: no limit, no coalescing).
+    /// A queue that lets up to `max_in_flight` probes out at once (0: no limit, no
+    /// coalescing).
     pub(crate) fn new(max_in_flight: usize) -> Self {
         ProbeQueue {
             shared: Arc::new(Shared {
                 max_in_flight,
-                state: Mutex::new(State::default()),
+                state: Mutex::new(State {
+                    in_flight: 0,
+                    limit: max_in_flight,
+                    waiting: VecDeque::new(),
+                }),
             }),
         }
     }
@@ -138,7 +154,7 @@ impl ProbeQueue {
             return Admission::Now(Slot { shared: None });
         }
         let mut state = shared.lock();
-        if state.in_flight < shared.max_in_flight {
+        if state.in_flight < state.limit {
             state.in_flight += 1;
             return Admission::Now(Slot {
                 shared: Some(shared.clone()),
@@ -159,9 +175,17 @@ impl ProbeQueue {
 
     /// Takes waiting reads, oldest first, up to about [`MAX_BATCH_KEYS`] keys in all with the
     /// `already` keys of the leader's own read (none when those alone reach it). Reads whose
-    /// callers were cancelled are dropped, not probed.
+    /// callers were cancelled are dropped, not probed. How many keys queued behind the
+    /// leader's read sets the limit (see the module docs).
     pub(crate) fn take_waiting(&self, already: usize) -> Vec<Waiter> {
-        let mut state = self.shared.lock();
+        let shared = &*self.shared;
+        let mut state = shared.lock();
+        let queued: usize = state.waiting.iter().map(Waiter::len).sum();
+        state.limit = if queued >= SATURATED_BATCH_KEYS {
+            1
+        } else {
+            (state.limit * 2).min(shared.max_in_flight)
+        };
         let mut keys = already;
         let mut taken = Vec::new();
         while keys < MAX_BATCH_KEYS {
@@ -196,7 +220,14 @@ impl Drop for Slot {
         loop {
             let waiter = {
                 let mut state = shared.lock();
-                let Some(waiter) = state.waiting.pop_front() else {
+                // Over a lowered limit, the slot is freed: the waiters get the last one out.
+                let over_limit = state.in_flight > state.limit;
+                let next = if over_limit {
+                    None
+                } else {
+                    state.waiting.pop_front()
+                };
+                let Some(waiter) = next else {
                     state.in_flight -= 1;
                     return;
                 };
@@ -255,6 +286,69 @@ mod tests {
 
     fn in_flight(queue: &ProbeQueue) -> usize {
         queue.shared.lock().in_flight
+    }
+
+    fn limit(queue: &ProbeQueue) -> usize {
+        queue.shared.lock().limit
+    }
+
+    #[tokio::test]
+    async fn a_saturated_queue_goes_to_one_probe_and_small_batches_widen_it_again() {
+        let queue = ProbeQueue::new(4);
+        let mut out: Vec<Slot> = (0..4)
+            .map(|_| match queue.admit(&["out"]) {
+                Admission::Now(slot) => slot,
+                Admission::Later(_) => panic!("below the limit, reads go at once"),
+            })
+            .collect();
+        let mut waiters: Vec<_> = (0..=SATURATED_BATCH_KEYS)
+            .map(|i| match queue.admit(&[&i.to_string()]) {
+                Admission::Later(waiting) => waiting,
+                Admission::Now(_) => panic!("at the limit, reads wait"),
+            })
+            .collect();
+        drop(out.pop());
+        let Ok(Turn::Lead(lead)) = waiters.remove(0).await else {
+            panic!("the first waiter leads");
+        };
+        assert_eq!(queue.take_waiting(1).len(), SATURATED_BATCH_KEYS);
+        assert_eq!(limit(&queue), 1, "16 keys queued behind the leader");
+        // Over the lowered limit, returning probes free their slots without passing them.
+        let Admission::Later(next) = queue.admit(&["next"]) else {
+            panic!("the limit is 1 and probes are out");
+        };
+        out.clear();
+        assert_eq!((in_flight(&queue), waiting(&queue)), (1, 1));
+        // The last probe out hands its slot on: a lowered limit strands no one.
+        drop(lead);
+        let Ok(Turn::Lead(lead)) = next.await else {
+            panic!("the last slot out passes to the waiter");
+        };
+        assert!(queue.take_waiting(1).is_empty());
+        assert_eq!(limit(&queue), 2, "a small batch doubles the limit");
+        drop(lead);
+        assert_eq!(in_flight(&queue), 0);
+        let slots: Vec<_> = (0..3).map(|_| queue.admit(&["k"])).collect();
+        assert!(matches!(slots[1], Admission::Now(_)));
+        assert!(matches!(slots[2], Admission::Later(_)));
+    }
+
+    #[test]
+    fn the_limit_never_widens_past_its_maximum() {
+        let queue = ProbeQueue::new(2);
+        let _out = (queue.admit(&["a"]), queue.admit(&["b"]));
+        let _waiting: Vec<_> = (0..SATURATED_BATCH_KEYS)
+            .map(|_| queue.admit(&["k"]))
+            .collect();
+        let _batch = queue.take_waiting(1);
+        assert_eq!(limit(&queue), 1);
+        let widened: Vec<usize> = (0..3)
+            .map(|_| {
+                queue.take_waiting(1);
+                limit(&queue)
+            })
+            .collect();
+        assert_eq!(widened, [2, 2, 2]);
     }
 
     #[test]
