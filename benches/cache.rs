@@ -303,7 +303,8 @@ where
     }))
 }
 
-/// The in-flight limit against concurrency (ARCHITECTURE.md, "The in-flight limit"): for 4,
+/// The in-flight limit against concurrency (ARCHITECTURE.md, "Concurrent reads share
+/// probes"): for 4,
 /// 16 and 64 tasks reading embeddings with L0 off, the paired time ratio to the same raw
 /// `GET`s with `max_probes_in_flight` of 1, 4, 32 (the default) and none. Runs when the
 /// 64-task group ran.

@@ -3,12 +3,16 @@
 //! (up to [`MAX_BATCH_KEYS`] keys) and probes them together: one `MGET` when every key was
 //! read before. Below the limit a probe goes out at once, so a lone read waits for nothing.
 //!
-//! The limit adapts between 1 and `max_in_flight`. When [`SATURATED_BATCH_KEYS`] or more
-//! keys queued behind a batch's leader, reads arrive faster than round trips return: the limit
-//! drops to 1, one batch out and the next forming, which costs Redis and the connection the
-//! fewest commands. Each smaller batch doubles it again, so that a moderate load goes back to
-//! reads out side by side, each waiting for no other. 64 tasks reading at once then cost a
-//! few commands a round trip, and 16 tasks do not wait on each other's batches.
+//! The limit adapts between 1 and `max_in_flight` (when that is not 0). When
+//! [`SATURATED_QUEUE_READS`] or more reads queued behind a batch's leader, reads arrive faster
+//! than round trips return: the limit drops to 1, one batch out and the next forming, which
+//! costs Redis and the connection the fewest commands. Probes still out over the limit are
+//! then freed as they return while a batch is out, and the first to return while none is out
+//! leads the next, so waiters never wait for the slowest probe. Each leader that finds fewer
+//! queued, or leaves some behind at the batch's key cap, doubles the limit back, so that a
+//! moderate load returns to reads out side by side. With one key per read on this machine,
+//! 64 tasks reading at once then cost a few commands a round trip, and 16 tasks, once the
+//! limit has widened, do not wait on each other's batches.
 //!
 //! A waiter that is handed the lead holds a [`Slot`]; a slot that is dropped unused (its
 //! holder was cancelled) passes itself on, so cancelled readers can neither strand the
@@ -26,9 +30,9 @@ use crate::error::Result;
 /// Most keys one coalesced probe carries; later waiters go in the next one.
 const MAX_BATCH_KEYS: usize = 1000;
 
-/// Keys queued behind a batch's leader that mean the cache is saturated (see the module
+/// Reads queued behind a batch's leader that mean the cache is saturated (see the module
 /// docs): from this many, the limit drops to one probe at a time.
-const SATURATED_BATCH_KEYS: usize = 16;
+const SATURATED_QUEUE_READS: usize = 16;
 
 /// The probes of one store that are out, and the reads waiting for a turn.
 pub(crate) struct ProbeQueue {
@@ -44,6 +48,8 @@ struct State {
     in_flight: usize,
     /// The current limit, between 1 and `max_in_flight`.
     limit: usize,
+    /// Slots handed to a waiter as the lead of a batch, not yet dropped.
+    leading: usize,
     waiting: VecDeque<Waiter>,
 }
 
@@ -115,10 +121,12 @@ pub(crate) enum Admission {
     Later(oneshot::Receiver<Turn>),
 }
 
-/// One of the `max_in_flight` probes that may be out. Dropping it passes it to the first
-/// live waiter, or frees it.
+/// One of the probes that may be out. Dropping it passes it to the first live waiter, or
+/// frees it: when no one waits, or when it is over a lowered limit while a batch is out.
 pub(crate) struct Slot {
     shared: Option<Arc<Shared>>,
+    /// Whether it was handed to a waiter as the lead of a batch.
+    leads: bool,
 }
 
 impl ProbeQueue {
@@ -131,6 +139,7 @@ impl ProbeQueue {
                 state: Mutex::new(State {
                     in_flight: 0,
                     limit: max_in_flight,
+                    leading: 0,
                     waiting: VecDeque::new(),
                 }),
             }),
@@ -151,13 +160,17 @@ impl ProbeQueue {
     fn enter(&self, keys: &[&str], front: bool) -> Admission {
         let shared = &self.shared;
         if shared.max_in_flight == 0 {
-            return Admission::Now(Slot { shared: None });
+            return Admission::Now(Slot {
+                shared: None,
+                leads: false,
+            });
         }
         let mut state = shared.lock();
         if state.in_flight < state.limit {
             state.in_flight += 1;
             return Admission::Now(Slot {
                 shared: Some(shared.clone()),
+                leads: false,
             });
         }
         let (reply, receiver) = oneshot::channel();
@@ -175,17 +188,16 @@ impl ProbeQueue {
 
     /// Takes waiting reads, oldest first, up to about [`MAX_BATCH_KEYS`] keys in all with the
     /// `already` keys of the leader's own read (none when those alone reach it). Reads whose
-    /// callers were cancelled are dropped, not probed. How many keys queued behind the
-    /// leader's read sets the limit (see the module docs).
+    /// callers were cancelled are dropped, not probed. How many live reads queued behind the
+    /// leader's, and whether any are left behind, set the limit (see the module docs).
     pub(crate) fn take_waiting(&self, already: usize) -> Vec<Waiter> {
         let shared = &*self.shared;
         let mut state = shared.lock();
-        let queued: usize = state.waiting.iter().map(Waiter::len).sum();
-        state.limit = if queued >= SATURATED_BATCH_KEYS {
-            1
-        } else {
-            (state.limit * 2).min(shared.max_in_flight)
-        };
+        let queued = state
+            .waiting
+            .iter()
+            .filter(|w| !w.reply.is_closed())
+            .count();
         let mut keys = already;
         let mut taken = Vec::new();
         while keys < MAX_BATCH_KEYS {
@@ -202,6 +214,13 @@ impl ProbeQueue {
             keys += waiter.keys.len();
             taken.push(waiter);
         }
+        // Reads left behind at the key cap need more than one batch out.
+        let left_behind = !state.waiting.is_empty();
+        state.limit = if queued >= SATURATED_QUEUE_READS && !left_behind {
+            1
+        } else {
+            (state.limit * 2).min(shared.max_in_flight)
+        };
         taken
     }
 }
@@ -217,11 +236,16 @@ impl Drop for Slot {
         let Some(shared) = self.shared.take() else {
             return;
         };
+        let mut led = self.leads;
         loop {
             let waiter = {
                 let mut state = shared.lock();
-                // Over a lowered limit, the slot is freed: the waiters get the last one out.
-                let over_limit = state.in_flight > state.limit;
+                if led {
+                    state.leading -= 1;
+                }
+                // Over a lowered limit, a probe returning while a batch is out is freed: that
+                // batch's return leads the next.
+                let over_limit = state.in_flight > state.limit && state.leading > 0;
                 let next = if over_limit {
                     None
                 } else {
@@ -231,15 +255,20 @@ impl Drop for Slot {
                     state.in_flight -= 1;
                     return;
                 };
+                state.leading += 1;
                 waiter
             };
             let lead = Slot {
                 shared: Some(shared.clone()),
+                leads: true,
             };
             match waiter.reply.send(Turn::Lead(lead)) {
                 Ok(()) => return,
                 // That waiter was cancelled: the slot goes to the next one.
-                Err(Turn::Lead(mut lead)) => lead.shared = None,
+                Err(Turn::Lead(mut lead)) => {
+                    lead.shared = None;
+                    led = true;
+                }
                 Err(Turn::Done(_)) => unreachable!("a lead was sent"),
             }
         }
@@ -292,37 +321,64 @@ mod tests {
         queue.shared.lock().limit
     }
 
-    #[tokio::test]
-    async fn a_saturated_queue_goes_to_one_probe_and_small_batches_widen_it_again() {
-        let queue = ProbeQueue::new(4);
-        let mut out: Vec<Slot> = (0..4)
-            .map(|_| match queue.admit(&["out"]) {
-                Admission::Now(slot) => slot,
-                Admission::Later(_) => panic!("below the limit, reads go at once"),
-            })
-            .collect();
-        let mut waiters: Vec<_> = (0..=SATURATED_BATCH_KEYS)
+    /// What a waiting read is told; a read never told fails the test instead of hanging it.
+    async fn told(
+        waiting: oneshot::Receiver<Turn>,
+    ) -> std::result::Result<Turn, oneshot::error::RecvError> {
+        tokio::time::timeout(std::time::Duration::from_secs(10), waiting)
+            .await
+            .expect("a waiting read was never told its turn")
+    }
+
+    /// `n` reads admitted at once, each of its own key; all must wait.
+    fn queue_up(queue: &ProbeQueue, n: usize) -> Vec<oneshot::Receiver<Turn>> {
+        (0..n)
             .map(|i| match queue.admit(&[&i.to_string()]) {
                 Admission::Later(waiting) => waiting,
                 Admission::Now(_) => panic!("at the limit, reads wait"),
             })
-            .collect();
+            .collect()
+    }
+
+    /// All the slots of `queue` (a fresh one), taken by reads that go at once.
+    fn fill(queue: &ProbeQueue) -> Vec<Slot> {
+        (0..limit(queue))
+            .map(|_| match queue.admit(&["out"]) {
+                Admission::Now(slot) => slot,
+                Admission::Later(_) => panic!("below the limit, reads go at once"),
+            })
+            .collect()
+    }
+
+    /// Saturates a fresh `queue`: every slot out, one returning to lead the 17 reads queued
+    /// behind it, whose batch it takes. Returns the slots still out, the lead and the batch.
+    async fn saturate(queue: &ProbeQueue) -> (Vec<Slot>, Slot, Vec<Waiter>) {
+        let mut out = fill(queue);
+        let mut waiters = queue_up(queue, SATURATED_QUEUE_READS + 1);
         drop(out.pop());
-        let Ok(Turn::Lead(lead)) = waiters.remove(0).await else {
+        let Ok(Turn::Lead(lead)) = told(waiters.remove(0)).await else {
             panic!("the first waiter leads");
         };
-        assert_eq!(queue.take_waiting(1).len(), SATURATED_BATCH_KEYS);
-        assert_eq!(limit(&queue), 1, "16 keys queued behind the leader");
-        // Over the lowered limit, returning probes free their slots without passing them.
+        let batch = queue.take_waiting(1);
+        assert_eq!(batch.len(), SATURATED_QUEUE_READS);
+        assert_eq!(limit(queue), 1, "16 reads queued behind the leader");
+        (out, lead, batch)
+    }
+
+    #[tokio::test]
+    async fn a_saturated_queue_goes_to_one_probe_and_small_batches_widen_it_again() {
+        let queue = ProbeQueue::new(4);
+        let (mut out, lead, _batch) = saturate(&queue).await;
+        // Over the lowered limit, probes returning while the batch is out are freed.
         let Admission::Later(next) = queue.admit(&["next"]) else {
             panic!("the limit is 1 and probes are out");
         };
         out.clear();
         assert_eq!((in_flight(&queue), waiting(&queue)), (1, 1));
-        // The last probe out hands its slot on: a lowered limit strands no one.
+        // The batch's return leads the next: a lowered limit strands no one.
         drop(lead);
-        let Ok(Turn::Lead(lead)) = next.await else {
-            panic!("the last slot out passes to the waiter");
+        let Ok(Turn::Lead(lead)) = told(next).await else {
+            panic!("the batch's slot passes to the waiter");
         };
         assert!(queue.take_waiting(1).is_empty());
         assert_eq!(limit(&queue), 2, "a small batch doubles the limit");
@@ -333,13 +389,56 @@ mod tests {
         assert!(matches!(slots[2], Admission::Later(_)));
     }
 
+    #[tokio::test]
+    async fn fewer_reads_queued_than_the_threshold_keep_the_limit() {
+        let queue = ProbeQueue::new(4);
+        let mut out = fill(&queue);
+        let mut waiters = queue_up(&queue, SATURATED_QUEUE_READS);
+        drop(out.pop());
+        let Ok(Turn::Lead(_lead)) = told(waiters.remove(0)).await else {
+            panic!("the first waiter leads");
+        };
+        assert_eq!(queue.take_waiting(1).len(), SATURATED_QUEUE_READS - 1);
+        assert_eq!(limit(&queue), 4);
+    }
+
+    #[tokio::test]
+    async fn with_no_batch_out_the_first_probe_back_leads_the_next() {
+        let queue = ProbeQueue::new(4);
+        let (mut out, lead, _batch) = saturate(&queue).await;
+        let mut later = queue_up(&queue, 2);
+        // The batch comes back first: its slot leads the waiters, though 3 probes are out.
+        drop(lead);
+        let Ok(Turn::Lead(lead)) = told(later.remove(0)).await else {
+            panic!("no batch is out: the returning slot leads");
+        };
+        assert_eq!(in_flight(&queue), 4);
+        // With that batch out, the old probes are freed as they return.
+        out.clear();
+        assert_eq!((in_flight(&queue), waiting(&queue)), (1, 1));
+        drop(lead);
+        assert!(matches!(told(later.remove(0)).await, Ok(Turn::Lead(_))));
+        assert_eq!((in_flight(&queue), waiting(&queue)), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_lead_under_a_lowered_limit_passes_on() {
+        let queue = ProbeQueue::new(2);
+        let (out, lead, _batch) = saturate(&queue).await;
+        let mut later = queue_up(&queue, 2);
+        // The waiter handed the next lead is gone: the lead goes past it, not lost.
+        drop(later.remove(0));
+        drop(lead);
+        assert!(matches!(told(later.remove(0)).await, Ok(Turn::Lead(_))));
+        drop(out);
+        assert_eq!((in_flight(&queue), waiting(&queue)), (0, 0));
+    }
+
     #[test]
     fn the_limit_never_widens_past_its_maximum() {
-        let queue = ProbeQueue::new(2);
-        let _out = (queue.admit(&["a"]), queue.admit(&["b"]));
-        let _waiting: Vec<_> = (0..SATURATED_BATCH_KEYS)
-            .map(|_| queue.admit(&["k"]))
-            .collect();
+        let queue = ProbeQueue::new(3);
+        let _out = fill(&queue);
+        let _waiting = queue_up(&queue, SATURATED_QUEUE_READS);
         let _batch = queue.take_waiting(1);
         assert_eq!(limit(&queue), 1);
         let widened: Vec<usize> = (0..3)
@@ -348,7 +447,24 @@ mod tests {
                 limit(&queue)
             })
             .collect();
-        assert_eq!(widened, [2, 2, 2]);
+        assert_eq!(widened, [2, 3, 3]);
+    }
+
+    #[test]
+    fn reads_left_behind_at_the_key_cap_keep_the_limit_up() {
+        let queue = ProbeQueue::new(4);
+        let _out = fill(&queue);
+        let many: Vec<String> = (0..600).map(|i| i.to_string()).collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        let _waiting: Vec<_> = (0..SATURATED_QUEUE_READS)
+            .map(|_| queue.admit(&many))
+            .collect();
+        assert_eq!(queue.take_waiting(1).len(), 1);
+        assert_eq!(
+            limit(&queue),
+            4,
+            "one batch per round trip cannot drain them"
+        );
     }
 
     #[test]
@@ -391,7 +507,7 @@ mod tests {
             panic!("the third read waits");
         };
         drop(slot);
-        let Ok(Turn::Lead(lead)) = first.await else {
+        let Ok(Turn::Lead(lead)) = told(first).await else {
             panic!("the first waiter leads");
         };
         let batch = queue.take_waiting(1);
@@ -405,7 +521,7 @@ mod tests {
         for (waiter, probe) in batch.into_iter().zip(split(probe, &[2])) {
             waiter.answer(Ok(probe));
         }
-        let Ok(Turn::Done(Ok(probe))) = second.await else {
+        let Ok(Turn::Done(Ok(probe))) = told(second).await else {
             panic!("the second waiter is answered by the leader");
         };
         assert_eq!((probe.now_us, probe.clear_us, probe.found.len()), (7, 3, 2));
@@ -427,7 +543,7 @@ mod tests {
         };
         drop(cancelled);
         drop(slot);
-        let Ok(Turn::Lead(lead)) = live.await else {
+        let Ok(Turn::Lead(lead)) = told(live).await else {
             panic!("the slot skips the cancelled waiter");
         };
         // A lead sent to a waiter that never reads it is freed with the message.
