@@ -193,11 +193,6 @@ impl ProbeQueue {
     pub(crate) fn take_waiting(&self, already: usize) -> Vec<Waiter> {
         let shared = &*self.shared;
         let mut state = shared.lock();
-        let queued = state
-            .waiting
-            .iter()
-            .filter(|w| !w.reply.is_closed())
-            .count();
         let mut keys = already;
         let mut taken = Vec::new();
         while keys < MAX_BATCH_KEYS {
@@ -214,9 +209,10 @@ impl ProbeQueue {
             keys += waiter.keys.len();
             taken.push(waiter);
         }
-        // Reads left behind at the key cap need more than one batch out.
+        // Reads left behind at the key cap need more than one batch out. With none left, the
+        // batch is every live read that queued.
         let left_behind = !state.waiting.is_empty();
-        state.limit = if queued >= SATURATED_QUEUE_READS && !left_behind {
+        state.limit = if taken.len() >= SATURATED_QUEUE_READS && !left_behind {
             1
         } else {
             (state.limit * 2).min(shared.max_in_flight)
@@ -332,22 +328,30 @@ mod tests {
 
     /// `n` reads admitted at once, each of its own key; all must wait.
     fn queue_up(queue: &ProbeQueue, n: usize) -> Vec<oneshot::Receiver<Turn>> {
-        (0..n)
-            .map(|i| match queue.admit(&[&i.to_string()]) {
-                Admission::Later(waiting) => waiting,
-                Admission::Now(_) => panic!("at the limit, reads wait"),
-            })
-            .collect()
+        (0..n).map(|i| waits(queue, &[&i.to_string()])).collect()
     }
 
     /// All the slots of `queue` (a fresh one), taken by reads that go at once.
     fn fill(queue: &ProbeQueue) -> Vec<Slot> {
         (0..limit(queue))
-            .map(|_| match queue.admit(&["out"]) {
-                Admission::Now(slot) => slot,
-                Admission::Later(_) => panic!("below the limit, reads go at once"),
-            })
+            .map(|_| goes_now(queue, &["out"]))
             .collect()
+    }
+
+    /// The slot of a read of `keys` that must go at once.
+    fn goes_now(queue: &ProbeQueue, keys: &[&str]) -> Slot {
+        match queue.admit(keys) {
+            Admission::Now(slot) => slot,
+            Admission::Later(_) => panic!("a read of {keys:?} waits; it should go at once"),
+        }
+    }
+
+    /// Where the turn of a read of `keys` that must wait comes.
+    fn waits(queue: &ProbeQueue, keys: &[&str]) -> oneshot::Receiver<Turn> {
+        match queue.admit(keys) {
+            Admission::Later(waiting) => waiting,
+            Admission::Now(_) => panic!("a read of {keys:?} goes at once; it should wait"),
+        }
     }
 
     /// Saturates a fresh `queue`: every slot out, one returning to lead the 17 reads queued
@@ -370,9 +374,7 @@ mod tests {
         let queue = ProbeQueue::new(4);
         let (mut out, lead, _batch) = saturate(&queue).await;
         // Over the lowered limit, probes returning while the batch is out are freed.
-        let Admission::Later(next) = queue.admit(&["next"]) else {
-            panic!("the limit is 1 and probes are out");
-        };
+        let next = waits(&queue, &["next"]);
         out.clear();
         assert_eq!((in_flight(&queue), waiting(&queue)), (1, 1));
         // The batch's return leads the next: a lowered limit strands no one.
@@ -497,15 +499,9 @@ mod tests {
     #[tokio::test]
     async fn a_freed_slot_hands_the_lead_to_the_first_waiter() {
         let queue = ProbeQueue::new(1);
-        let Admission::Now(slot) = queue.admit(&["a"]) else {
-            panic!("the first read goes at once");
-        };
-        let Admission::Later(first) = queue.admit(&["b"]) else {
-            panic!("the second read waits");
-        };
-        let Admission::Later(second) = queue.admit(&["c", "d"]) else {
-            panic!("the third read waits");
-        };
+        let slot = goes_now(&queue, &["a"]);
+        let first = waits(&queue, &["b"]);
+        let second = waits(&queue, &["c", "d"]);
         drop(slot);
         let Ok(Turn::Lead(lead)) = told(first).await else {
             panic!("the first waiter leads");
@@ -532,24 +528,16 @@ mod tests {
     #[tokio::test]
     async fn cancelled_waiters_neither_strand_others_nor_leak_slots() {
         let queue = ProbeQueue::new(1);
-        let Admission::Now(slot) = queue.admit(&["a"]) else {
-            panic!("the first read goes at once");
-        };
-        let Admission::Later(cancelled) = queue.admit(&["b"]) else {
-            panic!("waits");
-        };
-        let Admission::Later(live) = queue.admit(&["c"]) else {
-            panic!("waits");
-        };
+        let slot = goes_now(&queue, &["a"]);
+        let cancelled = waits(&queue, &["b"]);
+        let live = waits(&queue, &["c"]);
         drop(cancelled);
         drop(slot);
         let Ok(Turn::Lead(lead)) = told(live).await else {
             panic!("the slot skips the cancelled waiter");
         };
         // A lead sent to a waiter that never reads it is freed with the message.
-        let Admission::Later(never_read) = queue.admit(&["d"]) else {
-            panic!("waits");
-        };
+        let never_read = waits(&queue, &["d"]);
         drop(lead);
         assert_eq!(in_flight(&queue), 1, "the slot passed to the waiter");
         drop(never_read);
