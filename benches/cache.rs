@@ -225,7 +225,13 @@ where
     group.finish();
     pair(name, &rt, 20, raw_mget, pupkit_get_many);
     pair_labelled(name, "+decode", &rt, 20, raw_mget_decode, pupkit_get_many);
+    pair_labelled(name, FLOOR, &rt, 20, raw_mget, raw_mget_decode);
 }
+
+/// The label of a pairing that times the hand-decoding baseline against the raw one: what
+/// decoding the values adds to the raw bytes, with no cache. For `get_many`, one `MGET` either
+/// way, it is the least that any cache returning decoded values pays over the raw `MGET`.
+const FLOOR: &str = "floor";
 
 fn concurrent_64(c: &mut Criterion) {
     concurrent_64_of(c, "concurrent_64", message);
@@ -249,6 +255,7 @@ where
         .unwrap();
     let raw_keys: Arc<[String]> = keys.iter().map(|k| envelope_key(k)).collect();
     let raw_round = || raw_gets_round(&raw, &raw_keys, TASKS);
+    let raw_decode_round = || raw_gets_decode_round::<V>(&raw, &raw_keys, TASKS);
     let pupkit_round = || cache_gets_round(&cache, &keys, TASKS);
     let name = group;
     let mut group = c.benchmark_group(name);
@@ -257,6 +264,8 @@ where
     group.bench_function("pupkit", |b| b.to_async(&rt).iter(pupkit_round));
     group.finish();
     pair(name, &rt, 2, raw_round, pupkit_round);
+    pair_labelled(name, "+decode", &rt, 2, raw_decode_round, pupkit_round);
+    pair_labelled(name, FLOOR, &rt, 2, raw_round, raw_decode_round);
 }
 
 /// How many reads each task of a concurrent round makes, of its own key.
@@ -282,6 +291,32 @@ fn raw_gets_round(
                     .query_async(&mut raw)
                     .await
                     .unwrap();
+            }
+        }
+    }))
+}
+
+/// [`raw_gets_round`], each task also decoding the payloads by hand as pupkit does (the
+/// entries are untagged and uncompressed: the payload starts after the 20-byte header).
+fn raw_gets_decode_round<V>(
+    raw: &redis::aio::MultiplexedConnection,
+    raw_keys: &Arc<[String]>,
+    tasks: usize,
+) -> Round
+where
+    V: DeserializeOwned + Send + 'static,
+{
+    let (raw, raw_keys) = (raw.clone(), raw_keys.clone());
+    Box::pin(each_task(tasks, move |task| {
+        let (mut raw, raw_keys) = (raw.clone(), raw_keys.clone());
+        async move {
+            for _ in 0..READS {
+                let bytes: Vec<u8> = redis::cmd("GET")
+                    .arg(&raw_keys[task])
+                    .query_async(&mut raw)
+                    .await
+                    .unwrap();
+                let _: V = postcard::from_bytes(&bytes[20..]).unwrap();
             }
         }
     }))
@@ -708,6 +743,13 @@ fn print_ratios(started: Instant) {
         }
         let paired = PAIRED.lock().unwrap();
         for (_, label, p) in paired.iter().filter(|(g, _, _)| *g == group) {
+            if *label == FLOOR {
+                println!(
+                    "  floor, {} alternating rounds: raw+decode {:.0} ns, raw {:.0} ns, median ratio {:.2}x (quartiles {:.2}-{:.2}): the cost of decoding, with no cache",
+                    p.rounds, p.ours_ns, p.baseline_ns, p.ratio, p.quartiles[0], p.quartiles[2]
+                );
+                continue;
+            }
             let (raw, target) = match *label {
                 "" => ("raw".to_owned(), target),
                 label => (format!("raw{label}"), "none, context"),

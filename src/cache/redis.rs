@@ -2,7 +2,7 @@
 //! or a pipeline. Key layout: see `keys::KeyLayout`.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, RandomState};
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, RwLock};
 use std::time::Duration;
@@ -15,7 +15,7 @@ use async_trait::async_trait;
 use super::backplane;
 use super::coalesce::{self, Admission, ProbeQueue, Turn};
 use super::config::TieredConfig;
-use super::keys::KeyLayout;
+use super::keys::{KeyHasher, KeyLayout};
 use super::memory::wall_us;
 use super::store::{Found, Notice, NoticeHandler, Probe, TierStore, Write};
 use crate::codec;
@@ -256,17 +256,31 @@ static EXTEND_LOCK: LazyLock<Script> = LazyLock::new(|| script(EXTEND_LOCK_LUA))
 /// What this instance last saw of a key: the tags of its entry and the tier it came from.
 #[derive(Clone)]
 struct Seen {
-    tags: Arc<[String]>,
+    /// `None` for an untagged entry, the common case: copying it then costs nothing.
+    tags: Option<Arc<[String]>>,
     tier: usize,
+}
+
+impl Seen {
+    fn new(tags: &[String], tier: usize) -> Self {
+        Seen {
+            tags: (!tags.is_empty()).then(|| tags.into()),
+            tier,
+        }
+    }
+
+    fn tags(&self) -> &[String] {
+        self.tags.as_deref().unwrap_or_default()
+    }
 }
 
 /// A bounded map from keys to small values, sharded by key hash, each shard behind its own
 /// `RwLock` so that concurrent readers do not contend. A full shard is emptied: what it
 /// forgets costs one script probe per key.
 struct Sharded<V> {
-    shards: Box<[RwLock<HashMap<String, V>>]>,
+    shards: Box<[RwLock<HashMap<String, V, KeyHasher>>]>,
     per_shard: usize,
-    hasher: RandomState,
+    hasher: KeyHasher,
 }
 
 const SHARDS: usize = 32;
@@ -274,13 +288,15 @@ const SHARDS: usize = 32;
 impl<V: Clone> Sharded<V> {
     fn new(capacity: usize) -> Self {
         Sharded {
-            shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
+            shards: (0..SHARDS)
+                .map(|_| RwLock::new(HashMap::default()))
+                .collect(),
             per_shard: capacity.div_ceil(SHARDS).max(1),
-            hasher: RandomState::new(),
+            hasher: KeyHasher::default(),
         }
     }
 
-    fn shard(&self, key: &str) -> &RwLock<HashMap<String, V>> {
+    fn shard(&self, key: &str) -> &RwLock<HashMap<String, V, KeyHasher>> {
         &self.shards[self.hasher.hash_one(key) as usize % SHARDS]
     }
 
@@ -459,13 +475,10 @@ impl RedisTiers {
     /// from the hottest tier.
     fn remember(&self, key: &str, found: &Found, tags: &[String], before: Option<&Seen>) {
         let tier = if found.promoted { 0 } else { found.tier };
-        if before.is_some_and(|s| s.tier == tier && *s.tags == *tags) {
+        if before.is_some_and(|s| s.tier == tier && s.tags() == tags) {
             return;
         }
-        let seen = Seen {
-            tags: tags.into(),
-            tier,
-        };
+        let seen = Seen::new(tags, tier);
         self.seen.update(key, |_| seen);
     }
 
@@ -523,7 +536,7 @@ impl RedisTiers {
         // Stamps known from recent fetches; the rest are fetched in this read.
         let mut clear = self.recent.clear();
         let mut tag_stamps: Vec<(&str, Option<u64>)> = Vec::new();
-        for tag in seen.iter().flat_map(|s| s.tags.iter()) {
+        for tag in seen.iter().flat_map(Seen::tags) {
             if !tag_stamps.iter().any(|(t, _)| t == tag) {
                 tag_stamps.push((tag, self.recent.tag(tag)));
             }
@@ -612,7 +625,7 @@ impl RedisTiers {
                 continue;
             };
             // An untagged entry seen untagged needs no header parse (byte 3 is the tag count).
-            let tags = if seen[i].tags.is_empty() && envelope.get(3) == Some(&0) {
+            let tags = if seen[i].tags.is_none() && envelope.get(3) == Some(&0) {
                 Vec::new()
             } else {
                 codec::header(&envelope).map(|h| h.tags).unwrap_or_default()
@@ -900,10 +913,7 @@ impl TierStore for RedisTiers {
             .arg(self.announce(&Notice::Written(keys)));
         for write in &writes {
             if let Ok(header) = codec::header(&write.envelope) {
-                let seen = Seen {
-                    tags: header.tags.into(),
-                    tier: write.tier,
-                };
+                let seen = Seen::new(&header.tags, write.tier);
                 self.seen.update(write.key, |_| seen);
             }
             invocation

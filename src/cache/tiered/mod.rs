@@ -14,7 +14,7 @@ use serde::de::DeserializeOwned;
 
 use super::config::{EntryOptions, TieredConfig};
 use super::flight::Flights;
-use super::keys::{check_key, check_tags};
+use super::keys::{KeyHasher, check_key, check_tags};
 use super::l0::{Freshness, Hit, L0, LocalStamps};
 use super::memory::{MemoryTiers, wall_us};
 use super::stats::{CacheStats, CacheTally, error_chain};
@@ -333,7 +333,8 @@ where
             return Ok(out);
         }
         // Probe each distinct key once.
-        let mut position: HashMap<&str, usize> = HashMap::with_capacity(missing.len());
+        let mut position: HashMap<&str, usize, KeyHasher> =
+            HashMap::with_capacity_and_hasher(missing.len(), KeyHasher::default());
         let mut unique: Vec<&str> = Vec::with_capacity(missing.len());
         let slots: Vec<usize> = missing
             .iter()
@@ -344,9 +345,15 @@ where
                 })
             })
             .collect();
-        let found = self.probe_shared(&unique, true).await;
+        let mut found = self.probe_shared(&unique, true).await;
+        // Without repeated keys each slot is used once, and its value moves.
+        let repeated = unique.len() < missing.len();
         for (&i, &slot) in missing.iter().zip(&slots) {
-            out[i] = found[slot].clone();
+            out[i] = if repeated {
+                found[slot].clone()
+            } else {
+                found[slot].take()
+            };
         }
         Ok(out)
     }
