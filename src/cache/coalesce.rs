@@ -3,10 +3,11 @@
 //! (up to [`MAX_BATCH_KEYS`] keys) and probes them together: one `MGET` when every key was
 //! read before. Below the limit a probe goes out at once, so a lone read waits for nothing.
 //!
-//! The limit adapts between 1 and `max_in_flight` (when that is not 0). When
+//! The limit adapts between [`SATURATED_LIMIT`] and `max_in_flight` (when that is not 0). When
 //! [`SATURATED_QUEUE_READS`] or more reads queued behind a batch's leader, reads arrive faster
-//! than round trips return: the limit drops to 1, one batch out and the next forming, which
-//! costs Redis and the connection the fewest commands. Probes still out over the limit are
+//! than round trips return: the limit drops to two batches out, so that Redis serves one while
+//! this process decodes the other, and the reads in between form the next. Few, large batches
+//! cost Redis and the connection the fewest commands. Probes still out over the limit are
 //! then freed as they return while a batch is out, and the first to return while none is out
 //! leads the next, so waiters never wait for the slowest probe. Each leader that finds fewer
 //! queued, or leaves some behind at the batch's key cap, doubles the limit back, so that a
@@ -31,8 +32,12 @@ use crate::error::Result;
 const MAX_BATCH_KEYS: usize = 1000;
 
 /// Reads queued behind a batch's leader that mean the cache is saturated (see the module
-/// docs): from this many, the limit drops to one probe at a time.
+/// docs): from this many, the limit drops to [`SATURATED_LIMIT`].
 const SATURATED_QUEUE_READS: usize = 16;
+
+/// The limit under saturation: two batches out, one at Redis while the other's answers are
+/// handled here. One batch at a time left one side idle while the other worked.
+const SATURATED_LIMIT: usize = 2;
 
 /// The probes of one store that are out, and the reads waiting for a turn.
 pub(crate) struct ProbeQueue {
@@ -46,7 +51,8 @@ struct Shared {
 
 struct State {
     in_flight: usize,
-    /// The current limit, between 1 and `max_in_flight`.
+    /// The current limit, between `SATURATED_LIMIT` (or `max_in_flight`, if lower) and
+    /// `max_in_flight`.
     limit: usize,
     /// Slots handed to a waiter as the lead of a batch, not yet dropped.
     leading: usize,
@@ -213,7 +219,7 @@ impl ProbeQueue {
         // batch is every live read that queued.
         let left_behind = !state.waiting.is_empty();
         state.limit = if taken.len() >= SATURATED_QUEUE_READS && !left_behind {
-            1
+            SATURATED_LIMIT.min(shared.max_in_flight)
         } else {
             (state.limit * 2).min(shared.max_in_flight)
         };
@@ -365,30 +371,43 @@ mod tests {
         };
         let batch = queue.take_waiting(1);
         assert_eq!(batch.len(), SATURATED_QUEUE_READS);
-        assert_eq!(limit(queue), 1, "16 reads queued behind the leader");
+        assert_eq!(
+            limit(queue),
+            SATURATED_LIMIT,
+            "16 reads queued behind the leader"
+        );
         (out, lead, batch)
     }
 
     #[tokio::test]
-    async fn a_saturated_queue_goes_to_one_probe_and_small_batches_widen_it_again() {
+    async fn a_saturated_queue_goes_to_two_batches_and_small_batches_widen_it_again() {
         let queue = ProbeQueue::new(4);
         let (mut out, lead, _batch) = saturate(&queue).await;
-        // Over the lowered limit, probes returning while the batch is out are freed.
+        assert_eq!(in_flight(&queue), 4);
+        // Over the lowered limit, probes returning while the batch is out are freed...
         let next = waits(&queue, &["next"]);
-        out.clear();
-        assert_eq!((in_flight(&queue), waiting(&queue)), (1, 1));
-        // The batch's return leads the next: a lowered limit strands no one.
+        drop(out.pop());
+        drop(out.pop());
+        assert_eq!((in_flight(&queue), waiting(&queue)), (2, 1));
+        // ...down to the limit: the next one back leads a second batch.
+        drop(out.pop());
+        let Ok(Turn::Lead(second)) = told(next).await else {
+            panic!("a probe back under the limit passes to the waiter");
+        };
+        assert_eq!(in_flight(&queue), 2);
+        // Both batches out: a new read waits, and the first batch back leads it.
+        let later = waits(&queue, &["later"]);
         drop(lead);
-        let Ok(Turn::Lead(lead)) = told(next).await else {
+        let Ok(Turn::Lead(lead)) = told(later).await else {
             panic!("the batch's slot passes to the waiter");
         };
         assert!(queue.take_waiting(1).is_empty());
-        assert_eq!(limit(&queue), 2, "a small batch doubles the limit");
-        drop(lead);
+        assert_eq!(limit(&queue), 4, "a small batch doubles the limit");
+        drop((lead, second));
         assert_eq!(in_flight(&queue), 0);
-        let slots: Vec<_> = (0..3).map(|_| queue.admit(&["k"])).collect();
-        assert!(matches!(slots[1], Admission::Now(_)));
-        assert!(matches!(slots[2], Admission::Later(_)));
+        let slots: Vec<_> = (0..5).map(|_| queue.admit(&["k"])).collect();
+        assert!(matches!(slots[3], Admission::Now(_)));
+        assert!(matches!(slots[4], Admission::Later(_)));
     }
 
     #[tokio::test]
@@ -415,17 +434,20 @@ mod tests {
             panic!("no batch is out: the returning slot leads");
         };
         assert_eq!(in_flight(&queue), 4);
-        // With that batch out, the old probes are freed as they return.
+        // With that batch out, the old probes are freed as they return, down to the limit;
+        // the last leads a second batch.
         out.clear();
-        assert_eq!((in_flight(&queue), waiting(&queue)), (1, 1));
-        drop(lead);
-        assert!(matches!(told(later.remove(0)).await, Ok(Turn::Lead(_))));
+        let Ok(Turn::Lead(second)) = told(later.remove(0)).await else {
+            panic!("a probe back under the limit leads");
+        };
+        assert_eq!((in_flight(&queue), waiting(&queue)), (2, 0));
+        drop((lead, second));
         assert_eq!((in_flight(&queue), waiting(&queue)), (0, 0));
     }
 
     #[tokio::test]
     async fn a_cancelled_lead_under_a_lowered_limit_passes_on() {
-        let queue = ProbeQueue::new(2);
+        let queue = ProbeQueue::new(4);
         let (out, lead, _batch) = saturate(&queue).await;
         let mut later = queue_up(&queue, 2);
         // The waiter handed the next lead is gone: the lead goes past it, not lost.
@@ -438,18 +460,27 @@ mod tests {
 
     #[test]
     fn the_limit_never_widens_past_its_maximum() {
-        let queue = ProbeQueue::new(3);
+        let queue = ProbeQueue::new(5);
         let _out = fill(&queue);
         let _waiting = queue_up(&queue, SATURATED_QUEUE_READS);
         let _batch = queue.take_waiting(1);
-        assert_eq!(limit(&queue), 1);
+        assert_eq!(limit(&queue), SATURATED_LIMIT);
         let widened: Vec<usize> = (0..3)
             .map(|_| {
                 queue.take_waiting(1);
                 limit(&queue)
             })
             .collect();
-        assert_eq!(widened, [2, 3, 3]);
+        assert_eq!(widened, [4, 5, 5]);
+    }
+
+    #[test]
+    fn a_maximum_of_one_stays_one_under_saturation() {
+        let queue = ProbeQueue::new(1);
+        let _out = fill(&queue);
+        let _waiting = queue_up(&queue, SATURATED_QUEUE_READS);
+        let _batch = queue.take_waiting(1);
+        assert_eq!(limit(&queue), 1);
     }
 
     #[test]
