@@ -206,16 +206,12 @@ where
         values
     };
     // Context, no target: MGET and decoding the payloads by hand, which pupkit's get_many
-    // also does and the raw MGET does not. The entries are untagged and uncompressed, so the
-    // payload starts after the 20-byte header.
+    // also does and the raw MGET does not.
     let raw_mget_decode = || async {
         let values: Vec<Vec<u8>> = raw_mget().await;
         values
             .iter()
-            .map(|bytes| {
-                assert_eq!((bytes[2] & 1, bytes[3]), (0, 0), "uncompressed, untagged");
-                postcard::from_bytes::<V>(&bytes[20..]).unwrap()
-            })
+            .map(|bytes| decode_by_hand(bytes))
             .collect::<Vec<V>>()
     };
     let name = group;
@@ -226,6 +222,17 @@ where
     pair(name, &rt, 20, raw_mget, pupkit_get_many);
     pair_labelled(name, "+decode", &rt, 20, raw_mget_decode, pupkit_get_many);
     pair_labelled(name, FLOOR, &rt, 20, raw_mget, raw_mget_decode);
+}
+
+/// The value in a stored envelope, decoded by hand as pupkit does. The bench's entries are
+/// untagged and uncompressed, so the postcard payload starts after the 20-byte header.
+fn decode_by_hand<V: DeserializeOwned>(envelope: &[u8]) -> V {
+    assert_eq!(
+        (envelope[2] & 1, envelope[3]),
+        (0, 0),
+        "uncompressed, untagged"
+    );
+    postcard::from_bytes(&envelope[20..]).unwrap()
 }
 
 /// The label of a pairing that times the hand-decoding baseline against the raw one: what
@@ -296,8 +303,7 @@ fn raw_gets_round(
     }))
 }
 
-/// [`raw_gets_round`], each task also decoding the payloads by hand as pupkit does (the
-/// entries are untagged and uncompressed: the payload starts after the 20-byte header).
+/// [`raw_gets_round`], each task also decoding the payloads by hand ([`decode_by_hand`]).
 fn raw_gets_decode_round<V>(
     raw: &redis::aio::MultiplexedConnection,
     raw_keys: &Arc<[String]>,
@@ -316,7 +322,7 @@ where
                     .query_async(&mut raw)
                     .await
                     .unwrap();
-                let _: V = postcard::from_bytes(&bytes[20..]).unwrap();
+                let _: V = decode_by_hand(&bytes);
             }
         }
     }))

@@ -1782,7 +1782,7 @@ mod redis {
             "{coalesced} GET/MGET commands for {kept} reads"
         );
         // The default: its maximum go out at once, each alone; the first back leads the 168
-        // reads queued behind them, and the cache drops to one probe at a time, so the rest
+        // reads queued behind them, and the cache drops to two probes at a time, so the rest
         // come back without leading more (a read that started late may take one more batch).
         let most = TieredConfig::named("default").max_probes_in_flight;
         let (burst, kept) = concurrent_reads(&server, most, false).await;

@@ -3,13 +3,14 @@
 //! (up to [`MAX_BATCH_KEYS`] keys) and probes them together: one `MGET` when every key was
 //! read before. Below the limit a probe goes out at once, so a lone read waits for nothing.
 //!
-//! The limit adapts between [`SATURATED_LIMIT`] and `max_in_flight` (when that is not 0). When
-//! [`SATURATED_QUEUE_READS`] or more reads queued behind a batch's leader, reads arrive faster
-//! than round trips return: the limit drops to two batches out, so that Redis serves one while
-//! this process decodes the other, and the reads in between form the next. Few, large batches
-//! cost Redis and the connection the fewest commands. Probes still out over the limit are
-//! then freed as they return while a batch is out, and the first to return while none is out
-//! leads the next, so waiters never wait for the slowest probe. Each leader that finds fewer
+//! The limit adapts between [`SATURATED_LIMIT`] (or `max_in_flight`, if lower) and
+//! `max_in_flight` (when that is not 0). When [`SATURATED_QUEUE_READS`] or more reads queued
+//! behind a batch's leader, reads arrive faster than round trips return: the limit drops to two
+//! batches out, so that Redis answers one while this process handles the other's reply, and
+//! the reads in between form the next. Few, large batches cost Redis and the connection the
+//! fewest commands. Probes returning over the limit while a batch is out are then freed; one
+//! returning within the limit, or while no batch is out, leads the waiting reads, so waiters
+//! never wait for the slowest probe. Each leader that finds fewer
 //! queued, or leaves some behind at the batch's key cap, doubles the limit back, so that a
 //! moderate load returns to reads out side by side. With one key per read on this machine,
 //! 64 tasks reading at once then cost a few commands a round trip, and 16 tasks, once the
@@ -35,8 +36,9 @@ const MAX_BATCH_KEYS: usize = 1000;
 /// docs): from this many, the limit drops to [`SATURATED_LIMIT`].
 const SATURATED_QUEUE_READS: usize = 16;
 
-/// The limit under saturation: two batches out, one at Redis while the other's answers are
-/// handled here. One batch at a time left one side idle while the other worked.
+/// The limit under saturation: two batches out, one at Redis while the other's reply is
+/// handled here (parsed, and each read handed its answer). With one batch at a time, each side
+/// sat idle while the other worked.
 const SATURATED_LIMIT: usize = 2;
 
 /// The probes of one store that are out, and the reads waiting for a turn.
@@ -127,8 +129,9 @@ pub(crate) enum Admission {
     Later(oneshot::Receiver<Turn>),
 }
 
-/// One of the probes that may be out. Dropping it passes it to the first live waiter, or
-/// frees it: when no one waits, or when it is over a lowered limit while a batch is out.
+/// One of the probes that may be out. Dropping it passes it to the first live waiter, who
+/// leads the next batch, or frees it: when no one waits, or when it is over a lowered limit
+/// while a batch is out.
 pub(crate) struct Slot {
     shared: Option<Arc<Shared>>,
     /// Whether it was handed to a waiter as the lead of a batch.
@@ -246,7 +249,7 @@ impl Drop for Slot {
                     state.leading -= 1;
                 }
                 // Over a lowered limit, a probe returning while a batch is out is freed: that
-                // batch's return leads the next.
+                // batch's return leads the next. Within the limit, it leads one itself.
                 let over_limit = state.in_flight > state.limit && state.leading > 0;
                 let next = if over_limit {
                     None
@@ -322,6 +325,9 @@ mod tests {
     fn limit(queue: &ProbeQueue) -> usize {
         queue.shared.lock().limit
     }
+
+    // The slot counts these tests expect (with maxima of 4 and 5) follow from it.
+    const _: () = assert!(SATURATED_LIMIT == 2);
 
     /// What a waiting read is told; a read never told fails the test instead of hanging it.
     async fn told(

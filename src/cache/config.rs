@@ -50,9 +50,9 @@ pub struct TieredConfig {
     /// come back and then go out together as one probe of up to 1,000 keys (one `MGET` when
     /// every key was read before). A read made while fewer than the current limit are out
     /// goes at once. The limit starts here; when 16 or more reads queue behind one batch,
-    /// reads come faster than round trips return, and the cache lowers it to two (Redis
-    /// answers one batch while the other is decoded here, and the next forms); each smaller
-    /// batch doubles it back towards this maximum. A waiting read can take longer than one `op_timeout`: its wait for a
+    /// reads come faster than round trips return, and the cache lowers it to two, or keeps
+    /// this maximum if lower (Redis answers one batch while this process handles the other's
+    /// reply, and the next forms); each smaller batch doubles it back towards this maximum. A waiting read can take longer than one `op_timeout`: its wait for a
     /// turn, then its batch's. 0 sends every read at once, never batching. Default 32.
     pub max_probes_in_flight: usize,
     /// Longest TTL an entry may ask for; tag and clear timestamps are kept this long so that

@@ -5,11 +5,14 @@
 
 use crate::error::{Error, Result, excerpt};
 
-/// The hasher of the maps that a read looks caller keys up in: what a Redis store last saw
-/// of each key, and a batch's repeated keys. rapidhash costs a fraction of std's SipHash on
-/// keys of tens of bytes, and those lookups run several times per key read. Each map gets a
-/// random seed, with secrets from std's secure random source, so callers cannot aim keys at
-/// one bucket; the long-lived map is also bounded.
+/// The hasher of the maps that a read looks caller keys and tags up in: what a Redis store
+/// last saw of each key, the tag stamps it learnt, and a batch's repeated keys. rapidhash
+/// costs a fraction of std's SipHash on keys of tens of bytes, and those lookups run several
+/// times per key read. Against hash flooding it offers less than SipHash, a keyed PRF: each
+/// map gets a random seed and the hash's secrets come from std's random source, so keys
+/// cannot be aimed at one bucket without them, but rapidhash claims only minimal resistance.
+/// The damage is bounded: the long-lived maps hold at most about 3,125 entries per shard,
+/// and a batch's map lives for one call.
 pub(crate) type KeyHasher = rapidhash::fast::RandomState;
 
 /// Checks a cache key: not empty, at most `max_bytes` bytes.
