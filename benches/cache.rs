@@ -288,19 +288,7 @@ fn raw_gets_round(
     raw_keys: &Arc<[String]>,
     tasks: usize,
 ) -> Round {
-    let (raw, raw_keys) = (raw.clone(), raw_keys.clone());
-    Box::pin(each_task(tasks, move |task| {
-        let (mut raw, raw_keys) = (raw.clone(), raw_keys.clone());
-        async move {
-            for _ in 0..READS {
-                let _: Vec<u8> = redis::cmd("GET")
-                    .arg(&raw_keys[task])
-                    .query_async(&mut raw)
-                    .await
-                    .unwrap();
-            }
-        }
-    }))
+    raw_gets_then(raw, raw_keys, tasks, |_| {})
 }
 
 /// [`raw_gets_round`], each task also decoding the payloads by hand ([`decode_by_hand`]).
@@ -312,6 +300,18 @@ fn raw_gets_decode_round<V>(
 where
     V: DeserializeOwned + Send + 'static,
 {
+    raw_gets_then(raw, raw_keys, tasks, |bytes| {
+        let _: V = decode_by_hand(bytes);
+    })
+}
+
+/// The raw `GET` rounds, with `then` run on each value read.
+fn raw_gets_then(
+    raw: &redis::aio::MultiplexedConnection,
+    raw_keys: &Arc<[String]>,
+    tasks: usize,
+    then: fn(&[u8]),
+) -> Round {
     let (raw, raw_keys) = (raw.clone(), raw_keys.clone());
     Box::pin(each_task(tasks, move |task| {
         let (mut raw, raw_keys) = (raw.clone(), raw_keys.clone());
@@ -322,7 +322,7 @@ where
                     .query_async(&mut raw)
                     .await
                     .unwrap();
-                let _: V = decode_by_hand(&bytes);
+                then(&bytes);
             }
         }
     }))

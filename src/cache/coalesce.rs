@@ -10,11 +10,11 @@
 //! the reads in between form the next. Few, large batches cost Redis and the connection the
 //! fewest commands. Probes returning over the limit while a batch is out are then freed; one
 //! returning within the limit, or while no batch is out, leads the waiting reads, so waiters
-//! never wait for the slowest probe. Each leader that finds fewer
-//! queued, or leaves some behind at the batch's key cap, doubles the limit back, so that a
-//! moderate load returns to reads out side by side. With one key per read on this machine,
-//! 64 tasks reading at once then cost a few commands a round trip, and 16 tasks, once the
-//! limit has widened, do not wait on each other's batches.
+//! never wait for the slowest probe. Each leader that finds fewer queued, or leaves some
+//! behind at the batch's key cap, doubles the limit back, so that a moderate load returns to
+//! reads out side by side. With one key per read on this machine, 64 tasks reading at once
+//! then cost a few commands a round trip, and 16 tasks, once the limit has widened, do not
+//! wait on each other's batches.
 //!
 //! A waiter that is handed the lead holds a [`Slot`]; a slot that is dropped unused (its
 //! holder was cancelled) passes itself on, so cancelled readers can neither strand the
@@ -249,7 +249,8 @@ impl Drop for Slot {
                     state.leading -= 1;
                 }
                 // Over a lowered limit, a probe returning while a batch is out is freed: that
-                // batch's return leads the next. Within the limit, it leads one itself.
+                // batch's return leads the next. Within the limit, it goes to the first waiter,
+                // who leads another batch.
                 let over_limit = state.in_flight > state.limit && state.leading > 0;
                 let next = if over_limit {
                     None
