@@ -465,12 +465,21 @@ mod tests {
         assert_eq!((in_flight(&queue), waiting(&queue)), (0, 0));
     }
 
+    /// The slots out, the waiting reads and the batch taken, held by a test.
+    type Saturated = (Vec<Slot>, Vec<oneshot::Receiver<Turn>>, Vec<Waiter>);
+
+    /// Every slot of a fresh `queue` out, and a leader taking a batch of
+    /// [`SATURATED_QUEUE_READS`] reads.
+    fn take_a_saturating_batch(queue: &ProbeQueue) -> Saturated {
+        let out = fill(queue);
+        let waiting = queue_up(queue, SATURATED_QUEUE_READS);
+        (out, waiting, queue.take_waiting(1))
+    }
+
     #[test]
     fn the_limit_never_widens_past_its_maximum() {
         let queue = ProbeQueue::new(5);
-        let _out = fill(&queue);
-        let _waiting = queue_up(&queue, SATURATED_QUEUE_READS);
-        let _batch = queue.take_waiting(1);
+        let _saturated = take_a_saturating_batch(&queue);
         assert_eq!(limit(&queue), SATURATED_LIMIT);
         let widened: Vec<usize> = (0..3)
             .map(|_| {
@@ -484,9 +493,7 @@ mod tests {
     #[test]
     fn a_maximum_of_one_stays_one_under_saturation() {
         let queue = ProbeQueue::new(1);
-        let _out = fill(&queue);
-        let _waiting = queue_up(&queue, SATURATED_QUEUE_READS);
-        let _batch = queue.take_waiting(1);
+        let _saturated = take_a_saturating_batch(&queue);
         assert_eq!(limit(&queue), 1);
     }
 
